@@ -1,0 +1,242 @@
+"""The asyncio engine: requests in, progress and images out, over one scheduler and executor.
+
+Nothing here blocks the event loop. The engine is event-driven: a new request, an abort
+or a task result changes the scheduler's book and schedules one ``_dispatch`` on the
+loop (several events in one loop iteration share it), which asks the scheduler for
+tasks and hands them to the executor. Results come back through a callback on the loop.
+Each request has a queue of outputs that its ``generate()`` generator drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from engine.config import EngineConfig
+from engine.executor.base import Executor
+from engine.messages import ModelInfo, TaskResult
+from engine.outputs import (
+    GeneratedImage,
+    RequestAbortedError,
+    RequestFailedError,
+    RequestMetrics,
+    RequestOutput,
+)
+from engine.request import ImageParams, InvalidParamsError, Request, ShapeKey, check_prompt
+from engine.scheduler.policies import make_policy
+from engine.scheduler.scheduler import RequestUpdate, Scheduler, UpdateKind
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot serve (not started, shut down, or its workers are gone)."""
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    from engine.executor.inprocess import InProcessExecutor
+
+    kind = config.parallel.executor
+    if kind in ("auto", "inprocess"):
+        return InProcessExecutor(config)
+    raise ValueError(f"unknown executor {kind!r}; choose auto or inprocess")
+
+
+class AsyncEngine:
+    """Serve image requests from one model; embed it in any asyncio application.
+
+    >>> engine = await AsyncEngine.create(model="tiny-pixart")
+    >>> async for out in engine.generate("a red fox", ImageParams(seed=1)):
+    ...     print(out.step, out.num_steps, out.finished)
+    >>> await engine.shutdown()
+    """
+
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        self.config = config
+        self.executor = executor or make_executor(config)
+        sched = config.scheduler
+        policy_options = {"static_degree": sched.static_degree} if sched.policy == "static" else {}
+        self.scheduler = Scheduler(
+            make_policy(sched.policy, **policy_options), self.executor.num_workers,
+            max_batch_size=sched.max_batch_size, steps_per_task=sched.steps_per_task,
+            max_retries=sched.max_retries)
+        self.model_info: ModelInfo | None = None
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._dispatch_pending = False
+        self._closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.last_progress_time = time.monotonic()
+
+    @classmethod
+    async def create(cls, config: EngineConfig | None = None, **options: Any) -> AsyncEngine:
+        """Build and start an engine from a config or flat options (``model=``, ``max_batch_size=`` ...)."""
+        engine = cls(config or EngineConfig.create(**options))
+        await engine.start()
+        return engine
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.model_info = await self.executor.start(self._on_result, self._on_worker_failed,
+                                                    self._on_worker_restarted)
+        logger.info("engine ready: %s on %d worker(s), policy %s", self.model_info.name,
+                    self.executor.num_workers, self.scheduler.policy.name)
+
+    # ----- public API --------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self.model_info is not None and not self._closed
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def resolve_params(self, params: ImageParams | None) -> ImageParams:
+        """Fill the model's defaults in and validate; raises InvalidParamsError."""
+        if self.model_info is None:
+            raise EngineDeadError("the engine is not started")
+        return (params or ImageParams()).resolve(self.model_info, self.config.limits)
+
+    async def generate(self, prompt: str, params: ImageParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield progress outputs (step i of N), then the final output with the images.
+
+        Raises InvalidParamsError for bad input (before anything runs), RequestFailedError
+        if the request fails, RequestAbortedError if it is aborted. Closing or cancelling
+        the generator aborts the request and frees its state.
+        """
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        params = self.resolve_params(params)
+        check_prompt(prompt, self.config.limits)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise InvalidParamsError(f"request id {request_id!r} is already in use", "request_id")
+        info = self.model_info
+        shape = ShapeKey(params.width, params.height, info.uses_cfg and params.guidance_scale > 1.0)
+        request = Request(request_id, prompt, params, shape, time.monotonic())
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._idle.clear()
+        self.scheduler.add_request(request)
+        self._kick()
+        done = False
+        try:
+            while True:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    done = True
+                    raise out
+                done = out.finished
+                yield out
+                if done:
+                    return
+        finally:
+            if not done:
+                self._abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort(request_id)
+
+    async def wait_until_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no request is unfinished; False if the timeout came first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def shutdown(self) -> None:
+        """Abort what is left, stop the workers. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for request_id in list(self._streams):
+            self._end_stream(request_id, RequestAbortedError(request_id, "the engine is shutting down"))
+        if self.model_info is not None:
+            await self.executor.shutdown()
+
+    # ----- internals ---------------------------------------------------------------
+    def _kick(self) -> None:
+        if not self._dispatch_pending and not self._closed:
+            self._dispatch_pending = True
+            self._loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_pending = False
+        if self._closed:
+            return
+        out = self.scheduler.schedule(time.monotonic())
+        for rank, request_ids in out.frees:
+            self.executor.free(rank, request_ids)
+        for task in out.tasks:
+            self.executor.submit(task)
+
+    def _abort(self, request_id: str) -> None:
+        update = self.scheduler.abort_request(request_id, time.monotonic())
+        if update is not None:
+            self._publish([update])
+        self._kick()
+
+    def _on_result(self, result: TaskResult) -> None:
+        self.last_progress_time = time.monotonic()
+        self._publish(self.scheduler.on_result(result, self.last_progress_time))
+        self._kick()
+
+    def _on_worker_failed(self, rank: int, message: str) -> None:
+        logger.error("worker %d failed: %s", rank, message)
+        self._publish(self.scheduler.on_worker_failed(rank, message, time.monotonic()))
+        self._kick()
+
+    def _on_worker_restarted(self, rank: int) -> None:
+        logger.info("worker %d is back", rank)
+        self.scheduler.on_worker_restarted(rank)
+        self._kick()
+
+    def _publish(self, updates: list[RequestUpdate]) -> None:
+        for update in updates:
+            request = update.request
+            rid = request.request_id
+            if rid not in self._streams:
+                continue
+            if update.kind == UpdateKind.FAILED:
+                self._end_stream(rid, RequestFailedError(rid, request.error or "request failed"))
+            elif update.kind == UpdateKind.ABORTED:
+                self._end_stream(rid, RequestAbortedError(rid))
+            elif update.kind == UpdateKind.FINISHED:
+                self._streams[rid].put_nowait(self._output(request, update, finished=True))
+                self._end_stream(rid, None)
+            else:
+                self._streams[rid].put_nowait(self._output(request, update, finished=False))
+
+    def _end_stream(self, request_id: str, final: BaseException | None) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and final is not None:
+            stream.put_nowait(final)
+        if not self._streams:
+            self._idle.set()
+
+    @staticmethod
+    def _output(request: Request, update: RequestUpdate, *, finished: bool) -> RequestOutput:
+        item = update.item
+        latents = None
+        if item is not None and item.latents is not None:
+            latents = np.frombuffer(item.latents, dtype=np.float32).reshape(item.latents_shape)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            params=request.params,
+            step=request.step,
+            num_steps=request.num_steps,
+            finished=finished,
+            images=[GeneratedImage.from_wire(i) for i in item.images] if item else [],
+            previews=[GeneratedImage.from_wire(i) for i in item.previews] if item else [],
+            metrics=RequestMetrics(request.arrival_time, request.first_scheduled_time, request.finished_time),
+            latents=latents,
+        )

@@ -1,0 +1,130 @@
+"""Engine configuration: frozen dataclasses, one per concern, and their CLI flags.
+
+``EngineConfig.create(**options)`` takes the flat keyword options that ``DiT(...)`` and the
+CLI use (``model=``, ``max_batch_size=``, ``num_workers=`` ...) and sorts them into the
+sub-configs, so every front end shares one set of names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.request import Limits
+
+# The built-in preset used when no model is named (see engine/models/presets.py).
+DEFAULT_MODEL = "tiny-pixart"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = DEFAULT_MODEL
+    """A preset name (tiny-pixart, small-pixart, tiny-sd3, tiny-flux), a diffusers folder or a hub id."""
+    device: str = "auto"
+    """auto (cuda when present), cpu, or cuda."""
+    dtype: str = "auto"
+    """auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
+    attention_backend: str = "auto"
+    """auto, sdpa or xformers (xformers only where CUDA and a matching build exist)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = "fcfs"
+    """A built-in policy name or module:Class."""
+    max_batch_size: int = 16
+    """Most images in one denoise (or decode) batch."""
+    steps_per_task: int = 1
+    """Denoise steps a task runs before the scheduler decides again."""
+    static_degree: int = 1
+    """Sequence-parallel degree of the static policy."""
+    max_retries: int = 1
+    """Times a request starts over after its worker died, before it fails."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    num_workers: int | None = None
+    """Worker processes (one per device); None: one per GPU, or 1 on CPU."""
+    executor: str = "auto"
+    """auto (multiprocess when available), inprocess or multiprocess."""
+    worker_threads: int | None = None
+    """torch threads per CPU worker; None: 1 with several workers, else torch's default."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def create(cls, **options: Any) -> EngineConfig:
+        """Build from flat options; unknown names raise TypeError naming them."""
+        parts: dict[str, dict[str, Any]] = {"model": {}, "scheduler": {}, "parallel": {}, "limits": {}}
+        owners = _option_owners()
+        unknown = []
+        for name, value in options.items():
+            if name not in owners:
+                unknown.append(name)
+            elif value is not None:
+                parts[owners[name]][name] = value
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(sorted(owners))}")
+        return cls(
+            model=ModelConfig(**parts["model"]),
+            scheduler=SchedulerConfig(**parts["scheduler"]),
+            parallel=ParallelConfig(**parts["parallel"]),
+            limits=Limits(**parts["limits"]),
+        )
+
+
+_SECTIONS = {"model": ModelConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
+_LIMIT_FIELDS = ("max_n", "max_size", "max_steps", "max_prompt_chars")
+
+
+def _option_owners() -> dict[str, str]:
+    owners = {f.name: section for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    owners.update(dict.fromkeys(_LIMIT_FIELDS, "limits"))
+    return owners
+
+
+def add_engine_args(parser: argparse.ArgumentParser, *, with_model: bool = True) -> None:
+    """Add ``--flag`` for every engine option (the model too unless the command takes it positionally)."""
+    group = parser.add_argument_group("engine")
+    for cls in _SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            if f.name == "model" and not with_model:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kind = int if "int" in str(f.type) else str
+            default = f.default
+            group.add_argument(flag, dest=f.name, type=kind, default=None,
+                               help=f"{_doc(cls, f.name)} (default: {default})")
+    for name in _LIMIT_FIELDS:
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
+                           help=f"request limit (default: {getattr(Limits(), name)})")
+
+
+def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    names = _option_owners()
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def _doc(cls: type, name: str) -> str:
+    """The docstring under a dataclass field, so --help and the code say the same thing."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and node.target.id == name and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)):
+            return str(nxt.value.value)
+    return name

@@ -1,0 +1,44 @@
+"""One worker in the engine's own process, run on a thread so the event loop stays free."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+from engine.executor.base import Executor, FailureCallback, RestartCallback, ResultCallback
+from engine.executor.worker import Worker
+from engine.messages import ModelInfo, Task, TaskResult
+from engine.models.loader import load_adapter
+
+
+class InProcessExecutor(Executor):
+    """Rank 0 only. A single thread runs tasks and frees in the order they were sent."""
+
+    @property
+    def num_workers(self) -> int:
+        return 1
+
+    async def start(self, on_result: ResultCallback, on_failure: FailureCallback,
+                    on_restart: RestartCallback) -> ModelInfo:
+        self._loop = asyncio.get_running_loop()
+        self._on_result = on_result
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gfdit-worker")
+        model = self.config.model
+        adapter = await self._loop.run_in_executor(
+            self._thread, load_adapter, model.model, model.device, model.dtype)
+        self._worker = Worker(0, adapter)
+        return adapter.info()
+
+    def submit(self, task: Task) -> None:
+        future = self._thread.submit(self._worker.execute, task)
+        future.add_done_callback(self._deliver)
+
+    def _deliver(self, future: concurrent.futures.Future[TaskResult]) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_result, future.result())
+
+    def free(self, rank: int, request_ids: list[str]) -> None:
+        self._thread.submit(self._worker.free, request_ids)
+
+    async def shutdown(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)

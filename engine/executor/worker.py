@@ -1,0 +1,109 @@
+"""A worker: runs tasks on one device and keeps each request's state between them.
+
+The same class serves the in-process executor (called from a thread) and each worker
+process of the multi-process executor. A task that raises fails only the requests in it,
+whose state is dropped; the worker stays usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from engine.image_codec import encode_image
+from engine.messages import ItemResult, Stage, Task, TaskResult
+from engine.models.base import DiTAdapter, RequestState
+
+logger = logging.getLogger(__name__)
+
+
+def preview_steps(num_steps: int, partial_images: int) -> set[int]:
+    """Steps after which a request asking for ``partial_images`` previews gets one."""
+    steps = {round(num_steps * i / (partial_images + 1)) for i in range(1, partial_images + 1)}
+    return {s for s in steps if 0 < s < num_steps}
+
+
+class Worker:
+    def __init__(self, rank: int, adapter: DiTAdapter) -> None:
+        self.rank = rank
+        self.adapter = adapter
+        self.states: dict[str, RequestState] = {}
+
+    def execute(self, task: Task) -> TaskResult:
+        start = time.perf_counter()
+        if self.adapter.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.adapter.device)
+        try:
+            if task.stage == Stage.ENCODE:
+                items = self._encode(task)
+            elif task.stage == Stage.DENOISE:
+                items = self._denoise(task)
+            else:
+                items = self._decode(task)
+        except Exception as exc:  # noqa: BLE001 - a failing task must not take the worker down
+            logger.error("rank %d: task %d (%s) failed:\n%s", self.rank, task.task_id, task.stage.name,
+                         traceback.format_exc())
+            self.free(task.request_ids)
+            return TaskResult(task.task_id, self.rank, error=f"{type(exc).__name__}: {exc}",
+                              elapsed_s=time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(self.adapter.device) if self.adapter.device.type == "cuda" else 0
+        return TaskResult(task.task_id, self.rank, items, elapsed_s=time.perf_counter() - start,
+                          peak_memory_bytes=peak)
+
+    def free(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.states.pop(rid, None)
+
+    def _states(self, task: Task) -> tuple[list[RequestState], list[ItemResult]]:
+        found, missing = [], []
+        for rid in task.request_ids:
+            state = self.states.get(rid)
+            if state is None:
+                missing.append(ItemResult(rid, 0, error=f"no state for request {rid} on worker {self.rank}"))
+            else:
+                found.append(state)
+        return found, missing
+
+    def _encode(self, task: Task) -> list[ItemResult]:
+        news = task.new_requests
+        embeds = self.adapter.encode([r.prompt for r in news], [r.params for r in news])
+        for new, (cond, uncond) in zip(news, embeds):
+            self.states[new.request_id] = self.adapter.prepare(new.request_id, new.params, cond, uncond)
+        return [ItemResult(r.request_id, 0) for r in news]
+
+    def _denoise(self, task: Task) -> list[ItemResult]:
+        states, items = self._states(task)
+        previews: dict[str, list] = {}
+        for _ in range(task.num_steps):
+            active = [s for s in states if not s.done]
+            if not active:
+                break
+            self.adapter.denoise(active)
+            for s in active:
+                if s.params.partial_images and s.step in preview_steps(s.num_steps, s.params.partial_images):
+                    pixels = self.adapter.preview(s)
+                    previews.setdefault(s.request_id, []).extend(self._encode_pixels(p, s) for p in pixels)
+        items.extend(ItemResult(s.request_id, s.step, previews=previews.get(s.request_id, [])) for s in states)
+        return items
+
+    def _decode(self, task: Task) -> list[ItemResult]:
+        states, items = self._states(task)
+        if not states:
+            return items
+        for state, pixels in zip(states, self.adapter.decode(states)):
+            item = ItemResult(state.request_id, state.step, images=[self._encode_pixels(p, state) for p in pixels])
+            if state.params.return_latents:
+                latents = state.latents.detach().to("cpu", torch.float32).numpy()
+                item.latents = np.ascontiguousarray(latents).tobytes()
+                item.latents_shape = list(latents.shape)
+            items.append(item)
+        self.free([s.request_id for s in states])
+        return items
+
+    @staticmethod
+    def _encode_pixels(pixels: np.ndarray, state: RequestState):
+        return encode_image(pixels, state.params.output_format, state.params.output_compression)

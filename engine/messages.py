@@ -1,0 +1,97 @@
+"""Messages that cross process boundaries (engine <-> workers), as msgspec Structs.
+
+They are plain data: tensors never travel in them (latents stay on the worker that holds a
+request's state); images travel as encoded bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from engine.request import ImageParams
+
+_WIRE = {"array_like": True, "omit_defaults": True, "gc": False}
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What the engine needs to know of the loaded model to validate and schedule."""
+
+    name: str
+    family: str
+    default_width: int
+    default_height: int
+    default_steps: int
+    default_guidance: float
+    # Width and height must be multiples of this (VAE factor x patch size).
+    size_multiple: int
+    max_size: int
+    num_heads: int
+    # Whether guidance_scale > 1 doubles the batch with unconditional rows.
+    uses_cfg: bool
+    device: str
+    dtype: str
+
+    def image_tokens(self, width: int, height: int) -> int:
+        return (width // self.size_multiple) * (height // self.size_multiple)
+
+
+class Stage(enum.IntEnum):
+    ENCODE = 0  # text encoders + initial latents; the request's state is created
+    DENOISE = 1  # num_steps transformer steps
+    DECODE = 2  # VAE + image encoding; the request's state is freed
+
+
+class NewRequest(msgspec.Struct, **_WIRE):
+    request_id: str
+    prompt: str
+    params: ImageParams
+
+
+class Task(msgspec.Struct, **_WIRE):
+    """One unit of work for a group of workers; ``group[0]`` reports the requests' progress."""
+
+    task_id: int
+    stage: Stage
+    request_ids: list[str]
+    group: tuple[int, ...]
+    num_steps: int = 1
+    new_requests: list[NewRequest] = []
+
+
+class FreeRequests(msgspec.Struct, **_WIRE):
+    """Drop the state of these requests (aborted, or their task was lost)."""
+
+    request_ids: list[str]
+
+
+class ImageData(msgspec.Struct, **_WIRE):
+    data: bytes
+    format: str
+    width: int
+    height: int
+
+
+class ItemResult(msgspec.Struct, **_WIRE):
+    """What a task did to one request."""
+
+    request_id: str
+    step: int
+    error: str | None = None
+    images: list[ImageData] = []
+    # Previews of the latents after ``step`` (one per image), when the request asked for them.
+    previews: list[ImageData] = []
+    latents: bytes | None = None
+    latents_shape: list[int] = []
+
+
+class TaskResult(msgspec.Struct, **_WIRE):
+    task_id: int
+    rank: int
+    items: list[ItemResult] = []
+    # Set when the whole task failed (every request in it fails with this message).
+    error: str | None = None
+    elapsed_s: float = 0.0
+    peak_memory_bytes: int = 0
+

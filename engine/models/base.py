@@ -1,0 +1,249 @@
+"""The model adapter contract: a diffusers pipeline split into stages the engine interleaves.
+
+A pipeline's ``__call__`` runs one request from prompt to image in one loop, which makes
+batching across requests impossible. An adapter exposes the same math as four stages:
+
+- ``encode``: text encoders for a batch of requests (classifier-free-guidance pairs);
+- ``prepare``: a request's initial latents from its own seeded generator, its own
+  scheduler instance and timesteps;
+- ``denoise``: one transformer call for a batch of same-shape requests, each at its own
+  timestep with its own guidance scale, then each request's own ``scheduler.step``;
+- ``decode``: the VAE, for a batch of same-shape requests.
+
+The adapter calls the pipeline's own methods (``encode_prompt``, ``prepare_latents``,
+``retrieve_timesteps``, the scheduler's ``step``) so that a request's image equals
+``pipeline(prompt, ..., generator=torch.Generator().manual_seed(seed))``.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+from engine.messages import ModelInfo
+from engine.request import ImageParams
+
+Embeds = dict[str, torch.Tensor]
+
+
+@dataclass
+class RequestState:
+    """Everything a worker keeps for one request between stages (never leaves the worker)."""
+
+    request_id: str
+    params: ImageParams
+    latents: torch.Tensor
+    cond: Embeds
+    uncond: Embeds | None
+    scheduler: Any
+    timesteps: torch.Tensor
+    generator: torch.Generator
+    step: int = 0
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.num_steps
+
+    @property
+    def n(self) -> int:
+        return self.latents.shape[0]
+
+
+class DiTAdapter(ABC):
+    """Base class of the per-family adapters; subclasses fill in the family's math."""
+
+    family: ClassVar[str]
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    default_steps: ClassVar[int]
+    default_guidance: ClassVar[float]
+    # True where guidance_scale > 1 doubles the batch with unconditional rows.
+    uses_cfg: ClassVar[bool] = True
+
+    def __init__(self, pipe: DiffusionPipeline, name: str, default_size: int | None = None,
+                 default_steps: int | None = None) -> None:
+        self.pipe = pipe
+        self.name = name
+        self.transformer = pipe.transformer
+        self.device = self.transformer.device
+        self.dtype = self.transformer.dtype
+        self._default_size = default_size or self._pipeline_default_size()
+        self._default_steps = default_steps or self.default_steps
+        self.attention_backend = "sdpa"
+
+    # ----- description -------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    @property
+    def patch_size(self) -> int:
+        return self.transformer.config.patch_size
+
+    @abstractmethod
+    def _pipeline_default_size(self) -> int: ...
+
+    def _max_size(self) -> int:
+        return 4096
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.name,
+            family=self.family,
+            default_width=self._default_size,
+            default_height=self._default_size,
+            default_steps=self._default_steps,
+            default_guidance=self.default_guidance,
+            size_multiple=self.vae_scale_factor * self.patch_size,
+            max_size=self._max_size(),
+            num_heads=self.transformer.config.num_attention_heads,
+            uses_cfg=self.uses_cfg,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
+
+    def cfg(self, params: ImageParams) -> bool:
+        return self.uses_cfg and params.guidance_scale > 1.0
+
+    # ----- encode ------------------------------------------------------------------
+    @abstractmethod
+    def _encode_batch(self, prompts: list[str], negatives: list[str] | None) -> tuple[Embeds, Embeds | None]:
+        """Run the pipeline's encode_prompt on a batch (one row per prompt)."""
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str], params: list[ImageParams]) -> list[tuple[Embeds, Embeds | None]]:
+        """Encode prompts; rows are repeated n times per request like num_images_per_prompt."""
+        results: list[tuple[Embeds, Embeds | None] | None] = [None] * len(prompts)
+        for use_cfg in (False, True):
+            idx = [i for i, p in enumerate(params) if self.cfg(p) == use_cfg]
+            if not idx:
+                continue
+            negatives = [params[i].negative_prompt or "" for i in idx] if use_cfg else None
+            cond, uncond = self._encode_batch([prompts[i] for i in idx], negatives)
+            for row, i in enumerate(idx):
+                n = params[i].n
+                results[i] = (_take_row(cond, row, n), _take_row(uncond, row, n) if uncond else None)
+        return results  # type: ignore[return-value]
+
+    # ----- prepare -----------------------------------------------------------------
+    @abstractmethod
+    def _prepare_latents(self, params: ImageParams, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Initial latents (n rows) from the request's generator, plus per-request extras."""
+
+    @abstractmethod
+    def _set_timesteps(self, scheduler: Any, params: ImageParams, latents: torch.Tensor) -> torch.Tensor:
+        """Set the request's scheduler up as the pipeline does; returns its timesteps."""
+
+    def new_scheduler(self) -> Any:
+        """A scheduler instance of the request's own: diffusers schedulers keep a step index."""
+        return copy.deepcopy(self.pipe.scheduler)
+
+    @torch.inference_mode()
+    def prepare(self, request_id: str, params: ImageParams, cond: Embeds, uncond: Embeds | None) -> RequestState:
+        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        scheduler = self.new_scheduler()
+        # Only the initial latents consume the generator, as in the pipelines.
+        latents, extra = self._prepare_latents(params, generator)
+        timesteps = self._set_timesteps(scheduler, params, latents)
+        state = RequestState(request_id, params, latents, cond, uncond, scheduler, timesteps, generator, extra=extra)
+        state.step_kwargs = self._step_kwargs(state)
+        return state
+
+    def _step_kwargs(self, state: RequestState) -> dict[str, Any]:
+        return {}
+
+    # ----- denoise -----------------------------------------------------------------
+    def _timestep_rows(self, state: RequestState) -> torch.Tensor:
+        return state.timesteps[state.step].expand(state.n)
+
+    def _model_input(self, state: RequestState) -> torch.Tensor:
+        return state.latents
+
+    @abstractmethod
+    def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: Embeds,
+                 states: list[RequestState], guidance: torch.Tensor) -> torch.Tensor:
+        """One transformer call over the batch; returns the noise prediction."""
+
+    def _postprocess_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise
+
+    @torch.inference_mode()
+    def denoise(self, states: list[RequestState]) -> None:
+        """Advance every state by one step with one transformer call.
+
+        All states share a latent shape and CFG mode (the scheduler batches by that key);
+        each brings its own timestep, guidance scale and scheduler.
+        """
+        use_cfg = states[0].uncond is not None
+        latents = torch.cat([self._model_input(s) for s in states])
+        timesteps = torch.cat([self._timestep_rows(s) for s in states])
+        guidance = torch.cat([
+            torch.full((s.n,), s.params.guidance_scale, dtype=torch.float32, device=self.device) for s in states
+        ])
+        embeds = _cat_embeds([s.cond for s in states])
+        if use_cfg:
+            embeds = _cat_embeds([_cat_embeds([s.uncond for s in states]), embeds])  # type: ignore[misc]
+            latents = torch.cat([latents, latents])
+            timesteps = torch.cat([timesteps, timesteps])
+            guidance = torch.cat([guidance, guidance])
+        noise = self._postprocess_noise(self._forward(latents, timesteps, embeds, states, guidance))
+        if use_cfg:
+            uncond_noise, cond_noise = noise.chunk(2)
+        row = 0
+        for s in states:
+            rows = slice(row, row + s.n)
+            row += s.n
+            if use_cfg:
+                u, c = uncond_noise[rows], cond_noise[rows]
+                noise_i = u + s.params.guidance_scale * (c - u)
+            else:
+                noise_i = noise[rows]
+            t = s.timesteps[s.step]
+            s.latents = s.scheduler.step(noise_i, t, s.latents, **s.step_kwargs, return_dict=False)[0]
+            s.step += 1
+
+    # ----- decode ------------------------------------------------------------------
+    @abstractmethod
+    def _latents_to_vae(self, latents: torch.Tensor, params: ImageParams) -> torch.Tensor: ...
+
+    @torch.inference_mode()
+    def decode(self, states: list[RequestState]) -> list[np.ndarray]:
+        """VAE-decode same-shape states; returns one uint8 (n, H, W, 3) array per state."""
+        return self._decode_latents([s.latents for s in states], states[0].params)
+
+    def _decode_latents(self, latents_list: list[torch.Tensor], params: ImageParams) -> list[np.ndarray]:
+        latents = self._latents_to_vae(torch.cat(latents_list), params)
+        vae = self.pipe.vae
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        array = self.pipe.image_processor.postprocess(image, output_type="np")
+        # The same rounding as diffusers' numpy_to_pil, so pixels equal output_type="pil".
+        pixels = (array * 255).round().astype(np.uint8)
+        out, row = [], 0
+        for lat in latents_list:
+            out.append(pixels[row:row + lat.shape[0]])
+            row += lat.shape[0]
+        return out
+
+    @torch.inference_mode()
+    def preview(self, state: RequestState) -> np.ndarray:
+        """A partial image of the current latents, decoded at the current step."""
+        return self._decode_latents([state.latents], state.params)[0]
+
+
+def _take_row(embeds: Embeds, row: int, n: int) -> Embeds:
+    return {k: v[row:row + 1].repeat_interleave(n, dim=0) for k, v in embeds.items()}
+
+
+def _cat_embeds(parts: list[Embeds]) -> Embeds:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

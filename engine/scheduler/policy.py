@@ -1,0 +1,76 @@
+"""The policy interface: what a policy sees (SchedulerView) and what it returns (Plan).
+
+A policy decides order, batching, placement and degree; the Scheduler keeps the
+book-keeping and checks every plan. Policies are pure: no I/O, no torch, no clock reads.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from engine.messages import Stage
+from engine.request import Request, ShapeKey
+
+
+@dataclass
+class Plan:
+    """One task to start: a stage for a batch of requests on an ordered group of ranks."""
+
+    stage: Stage
+    request_ids: list[str]
+    group: tuple[int, ...]
+    num_steps: int = 1
+
+
+@dataclass
+class SchedulerView:
+    """A read-only snapshot for the policy; ``requests`` are idle (not in a task), oldest first."""
+
+    now: float
+    free_workers: list[int]
+    num_workers: int
+    max_batch_size: int
+    steps_per_task: int
+    requests: list[Request]
+    # Images whose state lives on each rank, in a task or not (the rank's load).
+    resident_images: dict[int, int] = field(default_factory=dict)
+
+    def waiting(self) -> list[Request]:
+        """Requests not yet encoded (no state anywhere)."""
+        return [r for r in self.requests if r.location is None]
+
+    def on_rank(self, rank: int, *, denoised: bool) -> list[Request]:
+        """Idle requests whose state lives on ``rank`` alone, still denoising or ready to decode."""
+        return [r for r in self.requests if r.location == (rank,) and r.denoised == denoised]
+
+    def load(self, rank: int) -> int:
+        return self.resident_images.get(rank, 0)
+
+
+def take_batch(candidates: Iterable[Request], shape: ShapeKey, max_images: int) -> list[Request]:
+    """Requests of ``shape`` in the given order while their images fit in ``max_images``.
+
+    The first request always fits, so a request with n > max_images still runs alone.
+    """
+    batch: list[Request] = []
+    images = 0
+    for r in candidates:
+        if r.shape != shape:
+            continue
+        if batch and images + r.n > max_images:
+            continue
+        batch.append(r)
+        images += r.n
+    return batch
+
+
+class Policy(ABC):
+    """Turns a SchedulerView into plans. Subclass and register to add a policy."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def plan(self, view: SchedulerView) -> list[Plan]: ...

@@ -1,0 +1,274 @@
+"""The scheduler: requests + free workers -> tasks; task results -> request updates.
+
+It is pure (no I/O, no torch, no clock reads: ``now`` is passed in), so the engine and the
+simulator run the same code, and tests drive it with hand-made results. A Policy decides
+what to run; the scheduler checks each plan and keeps the book: which requests are in
+which task, where each request's state lives, which workers are busy.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from engine.messages import ItemResult, NewRequest, Stage, Task, TaskResult
+from engine.request import Request, RequestStatus
+from engine.scheduler.policy import Plan, Policy, SchedulerView
+
+
+class UpdateKind(enum.IntEnum):
+    PROGRESS = 0
+    FINISHED = 1
+    FAILED = 2
+    ABORTED = 3
+    RESTARTED = 4  # its state was lost with a worker; it runs again from the start
+
+
+@dataclass
+class RequestUpdate:
+    """Something the engine must tell the request's caller."""
+
+    request: Request
+    kind: UpdateKind
+    item: ItemResult | None = None
+
+
+@dataclass
+class SchedulerOutput:
+    tasks: list[Task] = field(default_factory=list)
+    # (rank, request ids) whose state the rank must drop.
+    frees: list[tuple[int, list[str]]] = field(default_factory=list)
+
+
+@dataclass
+class _RunningTask:
+    task: Task
+    waiting_on: set[int]
+    leader_result: TaskResult | None = None
+
+
+class Scheduler:
+    def __init__(self, policy: Policy, num_workers: int, max_batch_size: int = 16,
+                 steps_per_task: int = 1, max_retries: int = 1) -> None:
+        if num_workers < 1 or max_batch_size < 1 or steps_per_task < 1:
+            raise ValueError("num_workers, max_batch_size and steps_per_task must be >= 1")
+        self.policy = policy
+        self.num_workers = num_workers
+        self.max_batch_size = max_batch_size
+        self.steps_per_task = steps_per_task
+        self.max_retries = max_retries
+        self.requests: dict[str, Request] = {}
+        self.busy: set[int] = set()
+        self.dead: set[int] = set()
+        self._running: dict[int, _RunningTask] = {}
+        self._frees: list[tuple[int, list[str]]] = []
+        self._task_ids = itertools.count()
+
+    # ----- requests in -------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+
+    def abort_request(self, request_id: str, now: float) -> RequestUpdate | None:
+        """Stop a request; its state is freed now, or when its running task returns."""
+        request = self.requests.get(request_id)
+        if request is None or request.status.is_finished:
+            return None
+        if not request.in_flight:
+            self._free_state(request)
+            del self.requests[request_id]
+        return self._end(request, RequestStatus.ABORTED, now)
+
+    # ----- tasks out ---------------------------------------------------------------
+    @property
+    def free_workers(self) -> list[int]:
+        return [w for w in range(self.num_workers) if w not in self.busy and w not in self.dead]
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        out = SchedulerOutput(frees=self._frees)
+        self._frees = []
+        free = self.free_workers
+        if not free:
+            return out
+        idle = [r for r in self.requests.values() if not r.in_flight and not r.status.is_finished]
+        idle.sort(key=lambda r: r.arrival_time)
+        view = SchedulerView(
+            now=now, free_workers=free, num_workers=self.num_workers,
+            max_batch_size=self.max_batch_size, steps_per_task=self.steps_per_task,
+            requests=idle, resident_images=self._resident_images())
+        for plan in self.policy.plan(view):
+            out.tasks.append(self._start(plan, now))
+        return out
+
+    def _resident_images(self) -> dict[int, int]:
+        load: dict[int, int] = {}
+        for r in self.requests.values():
+            for rank in r.location or ():
+                load[rank] = load.get(rank, 0) + r.n
+        return load
+
+    def _start(self, plan: Plan, now: float) -> Task:
+        self._check(plan)
+        task = Task(task_id=next(self._task_ids), stage=plan.stage, request_ids=list(plan.request_ids),
+                    group=tuple(plan.group), num_steps=plan.num_steps)
+        for rid in plan.request_ids:
+            request = self.requests[rid]
+            request.task_id = task.task_id
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            if plan.stage == Stage.ENCODE:
+                task.new_requests.append(NewRequest(rid, request.prompt, request.params))
+        self.busy.update(task.group)
+        self._running[task.task_id] = _RunningTask(task, set(task.group))
+        return task
+
+    def _check(self, plan: Plan) -> None:
+        """A bad plan is a bug in the policy: refuse it loudly rather than corrupt state."""
+        if not plan.request_ids or not plan.group or len(set(plan.group)) != len(plan.group):
+            raise RuntimeError(f"policy {self.policy.name} made an empty or repeating plan: {plan}")
+        for rank in plan.group:
+            if rank in self.busy or rank in self.dead or not 0 <= rank < self.num_workers:
+                raise RuntimeError(f"policy {self.policy.name} planned on unavailable rank {rank}")
+        shapes = set()
+        for rid in plan.request_ids:
+            request = self.requests.get(rid)
+            if request is None or request.in_flight or request.status.is_finished:
+                raise RuntimeError(f"policy {self.policy.name} planned request {rid} that is not idle")
+            expected = {Stage.ENCODE: request.location is None,
+                        Stage.DENOISE: request.location is not None and not request.denoised,
+                        Stage.DECODE: request.denoised}[plan.stage]
+            if not expected:
+                raise RuntimeError(f"policy {self.policy.name} planned {plan.stage.name} for {request}")
+            if plan.stage != Stage.ENCODE and request.location != plan.group:
+                raise RuntimeError(f"policy {self.policy.name} planned {request} on {plan.group}")
+            shapes.add(request.shape)
+        if plan.stage != Stage.ENCODE and len(shapes) > 1:
+            raise RuntimeError(f"policy {self.policy.name} batched different shapes: {shapes}")
+
+    # ----- results in --------------------------------------------------------------
+    def on_result(self, result: TaskResult, now: float) -> list[RequestUpdate]:
+        """Account one group member's result; request updates come with the last member's."""
+        running = self._running.get(result.task_id)
+        if running is None or result.rank not in running.waiting_on:
+            return []
+        running.waiting_on.discard(result.rank)
+        self.busy.discard(result.rank)
+        if result.rank == running.task.group[0]:
+            running.leader_result = result
+        if running.waiting_on:
+            return []
+        del self._running[result.task_id]
+        return self._apply(running.task, running.leader_result, now)
+
+    def _apply(self, task: Task, result: TaskResult | None, now: float) -> list[RequestUpdate]:
+        items = {item.request_id: item for item in (result.items if result else [])}
+        updates = []
+        for rid in task.request_ids:
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            request.task_id = None
+            if request.status.is_finished:  # aborted while in flight
+                if task.stage == Stage.ENCODE:
+                    request.location = task.group
+                if task.stage != Stage.DECODE:
+                    self._free_state(request)
+                del self.requests[rid]
+                continue
+            item = items.get(rid)
+            if result is None or result.error is not None or item is None or item.error is not None:
+                message = (item.error if item is not None and item.error else
+                           result.error if result is not None and result.error else
+                           f"the worker returned no result for request {rid}")
+                updates.append(self._fail(request, message, now, free=False))
+                continue
+            updates.append(self._advance(request, task, item, now))
+        return updates
+
+    def _advance(self, request: Request, task: Task, item: ItemResult, now: float) -> RequestUpdate:
+        if task.stage == Stage.DECODE:
+            request.location = None
+            del self.requests[request.request_id]
+            update = self._end(request, RequestStatus.FINISHED, now)
+            update.item = item
+            return update
+        if task.stage == Stage.ENCODE:
+            request.location = task.group
+            request.status = RequestStatus.RUNNING
+        request.step = item.step
+        request.denoised = request.step >= request.num_steps
+        return RequestUpdate(request, UpdateKind.PROGRESS, item)
+
+    # ----- failures ----------------------------------------------------------------
+    def on_worker_failed(self, rank: int, message: str, now: float) -> list[RequestUpdate]:
+        """A worker died. Requests that lost their state or task start again from scratch
+        (their images are seeded, so they come out the same) up to ``max_retries`` times;
+        then they fail with ``message``."""
+        self.dead.add(rank)
+        self.busy.discard(rank)
+        lost: set[str] = set()
+        for task_id, running in list(self._running.items()):
+            if rank in running.task.group:
+                del self._running[task_id]
+                self.busy.difference_update(running.waiting_on)
+                lost.update(running.task.request_ids)
+        updates = []
+        for request in list(self.requests.values()):
+            hit = request.request_id in lost or (request.location is not None and rank in request.location)
+            if request.request_id in lost:
+                request.task_id = None
+            if request.status.is_finished:  # aborted while in flight
+                if not request.in_flight:
+                    self._free_state(request)
+                    del self.requests[request.request_id]
+                continue
+            if not hit:
+                continue
+            if request.retries >= self.max_retries:
+                updates.append(self._fail(request, message, now, free=True))
+                continue
+            request.retries += 1
+            self._free_state(request)
+            request.status = RequestStatus.WAITING
+            request.step = 0
+            request.denoised = False
+            updates.append(RequestUpdate(request, UpdateKind.RESTARTED))
+        return updates
+
+    def on_worker_restarted(self, rank: int) -> None:
+        self.dead.discard(rank)
+
+    def _fail(self, request: Request, message: str, now: float, *, free: bool) -> RequestUpdate:
+        request.error = message
+        if free:
+            self._free_state(request)
+        self.requests.pop(request.request_id, None)
+        return self._end(request, RequestStatus.FAILED, now)
+
+    def _free_state(self, request: Request) -> None:
+        for rank in request.location or ():
+            if rank not in self.dead:
+                self._frees.append((rank, [request.request_id]))
+        request.location = None
+
+    def _end(self, request: Request, status: RequestStatus, now: float) -> RequestUpdate:
+        request.status = status
+        request.finished_time = now
+        kind = {RequestStatus.FINISHED: UpdateKind.FINISHED, RequestStatus.FAILED: UpdateKind.FAILED,
+                RequestStatus.ABORTED: UpdateKind.ABORTED}[status]
+        return RequestUpdate(request, kind)
+
+    # ----- state -------------------------------------------------------------------
+    @property
+    def num_unfinished(self) -> int:
+        return sum(1 for r in self.requests.values() if not r.status.is_finished)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(1 for r in self.requests.values() if r.status == RequestStatus.WAITING)
+
+    @property
+    def num_running(self) -> int:
+        return sum(1 for r in self.requests.values() if r.status == RequestStatus.RUNNING)

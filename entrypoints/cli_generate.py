@@ -1,0 +1,43 @@
+"""``gfdit generate PROMPT -o FILE``: one prompt, saved to a file (``stem_k`` for n > 1)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.config import add_engine_args, engine_options_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from entrypoints.cli import parse_size
+
+    parser.add_argument("prompt")
+    parser.add_argument("-o", "--output", default="image.png", help="file to write (.png, .jpg, .webp)")
+    parser.add_argument("--size", type=parse_size, default=None, help="N or WxH (default: the model's)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and printed)")
+    parser.add_argument("-n", type=int, default=1, help="images to generate")
+    parser.add_argument("--negative-prompt", default=None)
+    add_engine_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.request import ImageParams, InvalidParamsError
+    from entrypoints.offline import DiT
+
+    width, height = args.size if args.size else (None, None)
+    params = ImageParams(negative_prompt=args.negative_prompt, n=args.n, width=width, height=height,
+                         num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    with DiT(**engine_options_from_args(args)) as dit:
+        try:
+            output = dit.generate(args.prompt, params)[0]
+        except InvalidParamsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        paths = output.save(args.output)
+    metrics = output.metrics
+    latency = f" in {metrics.latency:.2f}s" if metrics and metrics.latency is not None else ""
+    for path in paths:
+        print(f"wrote {path} ({output.images[0].width}x{output.images[0].height}, seed {output.seed}){latency}")
+    return 0
