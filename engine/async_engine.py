@@ -39,6 +39,17 @@ class EngineDeadError(RuntimeError):
     """The engine cannot serve (not started, shut down, or its workers are gone)."""
 
 
+def default_max_batch_size(device: str) -> int:
+    on_gpu = device.startswith("cuda") or (device == "auto" and _cuda_available())
+    return 16 if on_gpu else 8
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def make_executor(config: EngineConfig) -> Executor:
     from engine.executor.inprocess import InProcessExecutor
 
@@ -64,8 +75,8 @@ class AsyncEngine:
         policy_options = {"static_degree": sched.static_degree} if sched.policy == "static" else {}
         self.scheduler = Scheduler(
             make_policy(sched.policy, **policy_options), self.executor.num_workers,
-            max_batch_size=sched.max_batch_size, steps_per_task=sched.steps_per_task,
-            max_retries=sched.max_retries)
+            max_batch_size=sched.max_batch_size or default_max_batch_size(config.model.device),
+            steps_per_task=sched.steps_per_task, max_retries=sched.max_retries)
         self.model_info: ModelInfo | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._dispatch_pending = False

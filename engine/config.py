@@ -34,8 +34,8 @@ class ModelConfig:
 class SchedulerConfig:
     policy: str = "fcfs"
     """A built-in policy name or module:Class."""
-    max_batch_size: int = 16
-    """Most images in one denoise (or decode) batch."""
+    max_batch_size: int | None = None
+    """Most images in one denoise (or decode) batch; None: 8 on CPU (larger batches fall out of its caches), 16 on GPU."""
     steps_per_task: int = 1
     """Denoise steps a task runs before the scheduler decides again."""
     static_degree: int = 1

@@ -81,6 +81,7 @@ class DiTAdapter(ABC):
         self._default_size = default_size or self._pipeline_default_size()
         self._default_steps = default_steps or self.default_steps
         self.attention_backend = "sdpa"
+        self.vae_pixels_per_call = 2**26 if self.device.type == "cuda" else 4 * 256 * 256
 
     # ----- description -------------------------------------------------------------
     @property
@@ -225,7 +226,10 @@ class DiTAdapter(ABC):
     def _decode_latents(self, latents_list: list[torch.Tensor], params: ImageParams) -> list[np.ndarray]:
         latents = self._latents_to_vae(torch.cat(latents_list), params)
         vae = self.pipe.vae
-        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        # Large VAE batches fall out of a CPU's caches; split them (a GPU takes them whole).
+        per_call = max(1, self.vae_pixels_per_call // (params.width * params.height))
+        image = torch.cat([vae.decode(chunk.to(vae.dtype), return_dict=False)[0]
+                           for chunk in latents.split(per_call)])
         array = self.pipe.image_processor.postprocess(image, output_type="np")
         # The same rounding as diffusers' numpy_to_pil, so pixels equal output_type="pil".
         pixels = (array * 255).round().astype(np.uint8)

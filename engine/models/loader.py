@@ -54,7 +54,7 @@ def load_pipeline(model: str, dtype: torch.dtype) -> DiffusionPipeline:
         pipe = build_preset(model)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear message
         where = "folder" if os.path.isdir(model) else "hub id (or folder)"
         raise ModelLoadError(

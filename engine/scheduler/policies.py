@@ -16,7 +16,9 @@ class FCFSPolicy(Policy):
     Each free worker, in turn, takes the first of:
     1. a VAE decode of its requests that finished denoising (ends them, frees memory);
     2. the text encoding of new requests, spread over the free workers so the least
-       loaded gets them (new requests then join the running batches at once);
+       loaded gets them (new requests then join the running batches at once), but never
+       twice in a row while the worker has requests to denoise, so a steady stream of
+       arrivals cannot stall the running ones;
     3. one denoise step for the batch of its requests that share the shape of its most
        urgent one, each request at its own step.
     Requests of other shapes wait for their own turn: the most urgent request's shape
@@ -38,14 +40,16 @@ class FCFSPolicy(Policy):
                 plans.append(Plan(Stage.DECODE, [r.request_id for r in batch], (rank,)))
             else:
                 idle.append(rank)
-        encode_for = self._place_new(view, idle)
+        running = {rank: sorted(view.on_rank(rank, denoised=False), key=self.sort_key) for rank in idle}
+        may_encode = [rank for rank in idle
+                      if not running[rank] or view.last_stage.get(rank) != Stage.ENCODE]
+        encode_for = self._place_new(view, may_encode)
         for rank in idle:
-            if encode_for[rank]:
+            if encode_for.get(rank):
                 plans.append(Plan(Stage.ENCODE, [r.request_id for r in encode_for[rank]], (rank,)))
                 continue
-            running = sorted(view.on_rank(rank, denoised=False), key=self.sort_key)
-            if running:
-                batch = take_batch(running, running[0].shape, view.max_batch_size)
+            if running[rank]:
+                batch = take_batch(running[rank], running[rank][0].shape, view.max_batch_size)
                 plans.append(Plan(Stage.DENOISE, [r.request_id for r in batch], (rank,),
                                   view.steps_per_task))
         return plans

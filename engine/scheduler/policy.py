@@ -37,6 +37,8 @@ class SchedulerView:
     requests: list[Request]
     # Images whose state lives on each rank, in a task or not (the rank's load).
     resident_images: dict[int, int] = field(default_factory=dict)
+    # The stage of the last task each rank ran.
+    last_stage: dict[int, Stage] = field(default_factory=dict)
 
     def waiting(self) -> list[Request]:
         """Requests not yet encoded (no state anywhere)."""

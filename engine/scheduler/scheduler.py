@@ -61,6 +61,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.busy: set[int] = set()
         self.dead: set[int] = set()
+        self.last_stage: dict[int, Stage] = {}
         self._running: dict[int, _RunningTask] = {}
         self._frees: list[tuple[int, list[str]]] = []
         self._task_ids = itertools.count()
@@ -97,7 +98,7 @@ class Scheduler:
         view = SchedulerView(
             now=now, free_workers=free, num_workers=self.num_workers,
             max_batch_size=self.max_batch_size, steps_per_task=self.steps_per_task,
-            requests=idle, resident_images=self._resident_images())
+            requests=idle, resident_images=self._resident_images(), last_stage=dict(self.last_stage))
         for plan in self.policy.plan(view):
             out.tasks.append(self._start(plan, now))
         return out
@@ -121,6 +122,7 @@ class Scheduler:
             if plan.stage == Stage.ENCODE:
                 task.new_requests.append(NewRequest(rid, request.prompt, request.params))
         self.busy.update(task.group)
+        self.last_stage.update(dict.fromkeys(task.group, task.stage))
         self._running[task.task_id] = _RunningTask(task, set(task.group))
         return task
 

@@ -1,0 +1,195 @@
+"""The asyncio engine end to end with the in-process worker."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from engine import (
+    AsyncEngine,
+    ImageParams,
+    InvalidParamsError,
+    RequestAbortedError,
+    RequestFailedError,
+)
+from engine.messages import Stage
+from tests.helpers import FAMILY_PRESETS, pipeline_reference
+
+STAGGERED = [
+    ("a red fox", dict(seed=11, num_inference_steps=8, guidance_scale=4.0)),
+    ("a blue cat in the city", dict(seed=12, num_inference_steps=6, guidance_scale=2.5, negative_prompt="blurry")),
+    ("a tree by the river", dict(seed=13, num_inference_steps=7, guidance_scale=6.0, n=2)),
+    ("snow on a mountain", dict(seed=14, num_inference_steps=5, guidance_scale=3.0)),
+]
+
+
+def record_tasks(engine):
+    """Wrap submit to see, for each task, the step each of its requests was at."""
+    seen = []
+    submit = engine.executor.submit
+
+    def recording(task):
+        steps = [engine.scheduler.requests[rid].step for rid in task.request_ids]
+        seen.append((task, steps))
+        submit(task)
+
+    engine.executor.submit = recording
+    return seen
+
+
+async def run_staggered(engine, requests, width=64, height=64):
+    """Start request i once request i-1 has made two steps, so batches mix steps."""
+    outputs = [None] * len(requests)
+    started = [asyncio.Event() for _ in requests]
+
+    async def one(i):
+        prompt, kw = requests[i]
+        if i:
+            await started[i - 1].wait()
+        params = ImageParams(width=width, height=height, output_format="raw", return_latents=True, **kw)
+        async for out in engine.generate(prompt, params):
+            if out.step >= 2:
+                started[i].set()
+            outputs[i] = out
+        started[i].set()
+
+    await asyncio.gather(*(one(i) for i in range(len(requests))))
+    return outputs
+
+
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+async def test_staggered_requests_share_batches_and_match_the_pipeline(preset, preset_pipelines):
+    engine = await AsyncEngine.create(model=preset, device="cpu")
+    try:
+        tasks = record_tasks(engine)
+        outputs = await run_staggered(engine, STAGGERED)
+    finally:
+        await engine.shutdown()
+    mixed = [steps for task, steps in tasks if task.stage == Stage.DENOISE and len(set(steps)) > 1]
+    assert mixed, "no denoise batch mixed requests at different steps"
+    pipe = preset_pipelines(preset)
+    for out, (prompt, _) in zip(outputs, STAGGERED):
+        assert out.finished and len(out.images) == out.params.n
+        ref_latents, ref_pixels = pipeline_reference(pipe, prompt, out.params)
+        assert np.abs(out.latents - ref_latents.numpy()).max() <= 1e-4
+        pixels = np.stack([image.to_numpy() for image in out.images])
+        assert np.abs(pixels.astype(int) - ref_pixels.astype(int)).max() <= 1
+
+
+async def test_a_model_saved_to_a_folder_serves_the_same_images(tmp_path, preset_pipelines):
+    pipe = preset_pipelines("tiny-flux")
+    pipe.save_pretrained(tmp_path / "flux")
+    engine = await AsyncEngine.create(model=str(tmp_path / "flux"), device="cpu")
+    try:
+        assert engine.model_info.family == "flux"
+        outputs = await run_staggered(engine, STAGGERED[:3])
+    finally:
+        await engine.shutdown()
+    for out, (prompt, _) in zip(outputs, STAGGERED):
+        ref_latents, _ = pipeline_reference(pipe, prompt, out.params)
+        assert np.abs(out.latents - ref_latents.numpy()).max() <= 1e-4
+
+
+@pytest.fixture
+async def engine():
+    engine = await AsyncEngine.create(model="tiny-pixart", device="cpu")
+    yield engine
+    await engine.shutdown()
+
+
+async def test_progress_counts_every_step_then_the_final_output(engine):
+    outputs = [out async for out in engine.generate("a fox", ImageParams(num_inference_steps=4, width=64, height=64))]
+    assert [o.step for o in outputs] == [0, 1, 2, 3, 4, 4]
+    assert [o.finished for o in outputs] == [False] * 5 + [True]
+    final = outputs[-1]
+    assert final.images[0].format == "png" and final.images[0].to_pil().size == (64, 64)
+    assert final.seed == final.params.seed and final.metrics.latency > 0
+
+
+@pytest.mark.parametrize("bad, param", [
+    (dict(n=0), "n"), (dict(n=11), "n"), (dict(width=70), "width"), (dict(height=0), "height"),
+    (dict(num_inference_steps=0), "num_inference_steps"), (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(seed=-3), "seed"), (dict(output_format="gif"), "output_format"), (dict(partial_images=4), "partial_images"),
+    (dict(width=8192), "width"), (dict(output_compression=101), "output_compression"),
+])
+async def test_invalid_params_raise_a_clear_error_and_the_engine_goes_on(engine, bad, param):
+    with pytest.raises(InvalidParamsError) as info:
+        async for _ in engine.generate("a fox", ImageParams(**bad)):
+            pass
+    assert info.value.param == param
+    assert engine.num_unfinished == 0
+    outputs = [o async for o in engine.generate("a fox", ImageParams(num_inference_steps=2, width=64, height=64))]
+    assert outputs[-1].finished
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", 42, "x" * 9000])
+async def test_bad_prompts_are_refused(engine, prompt):
+    with pytest.raises(InvalidParamsError) as info:
+        async for _ in engine.generate(prompt, ImageParams()):
+            pass
+    assert info.value.param == "prompt"
+
+
+async def test_abort_ends_the_request_and_frees_its_state(engine):
+    params = ImageParams(num_inference_steps=200, width=64, height=64)
+    with pytest.raises(RequestAbortedError):
+        async for out in engine.generate("a fox", params, request_id="victim"):
+            if out.step == 2:
+                await engine.abort("victim")
+    await asyncio.sleep(0.05)
+    assert engine.executor._worker.states == {}
+    assert engine.num_unfinished == 0 and not engine.scheduler.requests
+
+
+async def test_cancelling_the_consumer_aborts_the_request(engine):
+    steps = []
+
+    async def consume():
+        async for out in engine.generate("a fox", ImageParams(num_inference_steps=200, width=64, height=64)):
+            steps.append(out.step)
+
+    task = asyncio.create_task(consume())
+    while len(steps) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    assert engine.executor._worker.states == {} and not engine.scheduler.requests
+
+
+async def test_mixed_shapes_all_finish_and_never_share_a_batch(engine):
+    tasks = record_tasks(engine)
+    sizes = [(64, 64), (128, 64), (64, 64), (64, 128), (128, 64), (64, 64)]
+
+    async def one(i, size):
+        params = ImageParams(width=size[0], height=size[1], num_inference_steps=5, seed=i)
+        return [o async for o in engine.generate(f"prompt {i}", params)][-1]
+
+    outputs = await asyncio.gather(*(one(i, s) for i, s in enumerate(sizes)))
+    assert [o.images[0].to_pil().size for o in outputs] == sizes
+    by_id = {o.request_id: o.params for o in outputs}
+    for task, _ in tasks:
+        if task.stage != Stage.ENCODE:
+            assert len({(by_id[r].width, by_id[r].height) for r in task.request_ids}) == 1
+
+
+async def test_a_failing_task_fails_only_its_requests(engine):
+    worker = engine.executor._worker
+    real_denoise = worker.adapter.denoise
+
+    def denoise(states):
+        if any(s.params.seed == 666 for s in states):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_denoise(states)
+
+    worker.adapter.denoise = denoise
+    good = asyncio.create_task(_final(engine, ImageParams(seed=1, num_inference_steps=3, width=64, height=128)))
+    with pytest.raises(RequestFailedError, match="out of memory"):
+        await _final(engine, ImageParams(seed=666, num_inference_steps=3, width=64, height=64))
+    assert (await good).finished
+    assert worker.states == {}
+
+
+async def _final(engine, params):
+    return [o async for o in engine.generate("a fox", params)][-1]
