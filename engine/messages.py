@@ -49,8 +49,21 @@ class NewRequest(msgspec.Struct, **_WIRE):
     params: ImageParams
 
 
+class Migration(msgspec.Struct, **_WIRE):
+    """Copy a request's state (latents, embeddings, scheduler) from ``src`` to ``dsts``."""
+
+    request_id: str
+    src: int
+    dsts: tuple[int, ...]
+
+
 class Task(msgspec.Struct, **_WIRE):
-    """One unit of work for a group of workers; ``group[0]`` reports the requests' progress."""
+    """One unit of work for a group of workers; ``group[0]`` reports the requests' progress.
+
+    ``group`` is the ordered tuple of ranks that compute (the sequence-parallel group).
+    Migrations run first; a migration source outside the group takes part only to send,
+    then drops its copy. Every rank in ``members`` receives the task and answers it.
+    """
 
     task_id: int
     stage: Stage
@@ -58,6 +71,12 @@ class Task(msgspec.Struct, **_WIRE):
     group: tuple[int, ...]
     num_steps: int = 1
     new_requests: list[NewRequest] = []
+    migrations: list[Migration] = []
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        extra = sorted({m.src for m in self.migrations} - set(self.group))
+        return self.group + tuple(extra)
 
 
 class FreeRequests(msgspec.Struct, **_WIRE):
