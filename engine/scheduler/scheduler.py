@@ -121,9 +121,9 @@ class Scheduler:
                 request.first_scheduled_time = now
             if plan.stage == Stage.ENCODE:
                 task.new_requests.append(NewRequest(rid, request.prompt, request.params))
-        self.busy.update(task.group)
-        self.last_stage.update(dict.fromkeys(task.group, task.stage))
-        self._running[task.task_id] = _RunningTask(task, set(task.group))
+        self.busy.update(task.members)
+        self.last_stage.update(dict.fromkeys(task.members, task.stage))
+        self._running[task.task_id] = _RunningTask(task, set(task.members))
         return task
 
     def _check(self, plan: Plan) -> None:
@@ -212,7 +212,7 @@ class Scheduler:
         self.busy.discard(rank)
         lost: set[str] = set()
         for task_id, running in list(self._running.items()):
-            if rank in running.task.group:
+            if rank in running.task.members:
                 del self._running[task_id]
                 self.busy.difference_update(running.waiting_on)
                 lost.update(running.task.request_ids)
