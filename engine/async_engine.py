@@ -71,12 +71,6 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
         self.executor = executor or make_executor(config)
-        sched = config.scheduler
-        policy_options = {"static_degree": sched.static_degree} if sched.policy == "static" else {}
-        self.scheduler = Scheduler(
-            make_policy(sched.policy, **policy_options), self.executor.num_workers,
-            max_batch_size=sched.max_batch_size or default_max_batch_size(config.model.device),
-            steps_per_task=sched.steps_per_task, max_retries=sched.max_retries)
         self.model_info: ModelInfo | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._dispatch_pending = False
@@ -94,10 +88,25 @@ class AsyncEngine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.model_info = await self.executor.start(self._on_result, self._on_worker_failed,
-                                                    self._on_worker_restarted)
+        info = await self.executor.start(self._on_result, self._on_worker_failed, self._on_worker_restarted)
+        try:
+            self.scheduler = self._make_scheduler(info)
+        except ValueError:
+            await self.executor.shutdown()
+            raise
+        self.model_info = info
         logger.info("engine ready: %s on %d worker(s), policy %s", self.model_info.name,
                     self.executor.num_workers, self.scheduler.policy.name)
+
+    def _make_scheduler(self, info: ModelInfo) -> Scheduler:
+        sched = self.config.scheduler
+        workers = self.executor.num_workers
+        # Ulysses attention splits heads across the group, so a degree must divide them.
+        degrees = tuple(d for d in range(1, workers + 1) if info.num_heads % d == 0)
+        options = {"static_degree": sched.static_degree} if sched.policy == "static" else {}
+        return Scheduler(make_policy(sched.policy, **options), workers,
+                         max_batch_size=sched.max_batch_size or default_max_batch_size(self.config.model.device),
+                         steps_per_task=sched.steps_per_task, max_retries=sched.max_retries, degrees=degrees)
 
     # ----- public API --------------------------------------------------------------
     @property

@@ -81,7 +81,66 @@ class SRTFPolicy(FCFSPolicy):
         return (-request.params.priority, request.num_steps - request.step, request.arrival_time)
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FCFSPolicy, SRTFPolicy)}
+class StaticPolicy(FCFSPolicy):
+    """What today's DiT servers do: fixed lanes of ``static_degree`` ranks, each running one
+    request at a time from encode to decode, in arrival order.
+
+    The ranks are cut into contiguous lanes ((0, 1), (2, 3), ... for degree 2); a request
+    keeps its lane and degree for its whole life, so nothing ever migrates. With
+    ``batch=True`` a lane batches same-shape requests like fcfs does.
+    """
+
+    name = "static"
+
+    def __init__(self, static_degree: int = 1, batch: bool = False) -> None:
+        if static_degree < 1:
+            raise ValueError(f"static_degree must be >= 1, got {static_degree}")
+        self.static_degree = static_degree
+        self.batch = batch
+
+    def lanes(self, num_workers: int) -> list[tuple[int, ...]]:
+        k = self.static_degree
+        return [tuple(range(start, start + k)) for start in range(0, num_workers - k + 1, k)]
+
+    def validate(self, num_workers: int, degrees: tuple[int, ...]) -> None:
+        if self.static_degree not in degrees:
+            raise ValueError(f"static degree {self.static_degree} needs that many workers and must divide "
+                             f"the model's attention heads; possible degrees: {degrees}")
+
+    def plan(self, view: SchedulerView) -> list[Plan]:
+        free = set(view.free_workers)
+        waiting = sorted(view.waiting(), key=self.sort_key)
+        plans: list[Plan] = []
+        for lane in sorted(self.lanes(view.num_workers), key=lambda g: sum(view.load(r) for r in g)):
+            if not free.issuperset(lane):
+                continue
+            ready = sorted(view.on_group(lane, denoised=True), key=self.sort_key)
+            running = sorted(view.on_group(lane, denoised=False), key=self.sort_key)
+            if ready:
+                batch = take_batch(ready, ready[0].shape, view.max_batch_size if self.batch else 1)
+                plans.append(Plan(Stage.DECODE, [r.request_id for r in batch], lane))
+            elif waiting and (not running or (self.batch and view.last_stage.get(lane[0]) != Stage.ENCODE)):
+                take = take_images(waiting, view.max_batch_size) if self.batch else waiting[:1]
+                waiting = waiting[len(take):]
+                plans.append(Plan(Stage.ENCODE, [r.request_id for r in take], lane))
+            elif running:
+                batch = take_batch(running, running[0].shape, view.max_batch_size) if self.batch else running[:1]
+                plans.append(Plan(Stage.DENOISE, [r.request_id for r in batch], lane, view.steps_per_task))
+        return plans
+
+
+def take_images(requests: list[Request], max_images: int) -> list[Request]:
+    """The leading requests whose images fit in ``max_images`` (at least one)."""
+    taken, images = [], 0
+    for request in requests:
+        if taken and images + request.n > max_images:
+            break
+        taken.append(request)
+        images += request.n
+    return taken
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FCFSPolicy, SRTFPolicy, StaticPolicy)}
 
 
 def make_policy(spec: str, **options: Any) -> Policy:

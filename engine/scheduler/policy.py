@@ -39,6 +39,8 @@ class SchedulerView:
     resident_images: dict[int, int] = field(default_factory=dict)
     # The stage of the last task each rank ran.
     last_stage: dict[int, Stage] = field(default_factory=dict)
+    # Sequence-parallel degrees a denoise group may have (they divide the model's heads).
+    degrees: tuple[int, ...] = (1,)
 
     def waiting(self) -> list[Request]:
         """Requests not yet encoded (no state anywhere)."""
@@ -46,7 +48,11 @@ class SchedulerView:
 
     def on_rank(self, rank: int, *, denoised: bool) -> list[Request]:
         """Idle requests whose state lives on ``rank`` alone, still denoising or ready to decode."""
-        return [r for r in self.requests if r.location == (rank,) and r.denoised == denoised]
+        return self.on_group((rank,), denoised=denoised)
+
+    def on_group(self, group: tuple[int, ...], *, denoised: bool) -> list[Request]:
+        """Idle requests whose state lives exactly on ``group``."""
+        return [r for r in self.requests if r.location == group and r.denoised == denoised]
 
     def load(self, rank: int) -> int:
         return self.resident_images.get(rank, 0)
@@ -76,3 +82,7 @@ class Policy(ABC):
 
     @abstractmethod
     def plan(self, view: SchedulerView) -> list[Plan]: ...
+
+    def validate(self, num_workers: int, degrees: tuple[int, ...]) -> None:
+        """Raise ValueError if the policy cannot run on this many workers with these degrees."""
+        return None

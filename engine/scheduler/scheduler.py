@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from engine.messages import ItemResult, NewRequest, Stage, Task, TaskResult
 from engine.request import Request, RequestStatus
+from engine.scheduler.migration import plan_migration
 from engine.scheduler.policy import Plan, Policy, SchedulerView
 
 
@@ -50,7 +51,7 @@ class _RunningTask:
 
 class Scheduler:
     def __init__(self, policy: Policy, num_workers: int, max_batch_size: int = 16,
-                 steps_per_task: int = 1, max_retries: int = 1) -> None:
+                 steps_per_task: int = 1, max_retries: int = 1, degrees: tuple[int, ...] = (1,)) -> None:
         if num_workers < 1 or max_batch_size < 1 or steps_per_task < 1:
             raise ValueError("num_workers, max_batch_size and steps_per_task must be >= 1")
         self.policy = policy
@@ -58,6 +59,9 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.steps_per_task = steps_per_task
         self.max_retries = max_retries
+        # Sequence-parallel degrees the model allows (its heads divide by them).
+        self.degrees = tuple(d for d in degrees if d <= num_workers) or (1,)
+        policy.validate(num_workers, self.degrees)
         self.requests: dict[str, Request] = {}
         self.busy: set[int] = set()
         self.dead: set[int] = set()
@@ -88,19 +92,18 @@ class Scheduler:
         return [w for w in range(self.num_workers) if w not in self.busy and w not in self.dead]
 
     def schedule(self, now: float) -> SchedulerOutput:
-        out = SchedulerOutput(frees=self._frees)
-        self._frees = []
+        out = SchedulerOutput()
         free = self.free_workers
-        if not free:
-            return out
-        idle = [r for r in self.requests.values() if not r.in_flight and not r.status.is_finished]
-        idle.sort(key=lambda r: r.arrival_time)
-        view = SchedulerView(
-            now=now, free_workers=free, num_workers=self.num_workers,
-            max_batch_size=self.max_batch_size, steps_per_task=self.steps_per_task,
-            requests=idle, resident_images=self._resident_images(), last_stage=dict(self.last_stage))
-        for plan in self.policy.plan(view):
-            out.tasks.append(self._start(plan, now))
+        if free:
+            idle = [r for r in self.requests.values() if not r.in_flight and not r.status.is_finished]
+            idle.sort(key=lambda r: r.arrival_time)
+            view = SchedulerView(
+                now=now, free_workers=free, num_workers=self.num_workers,
+                max_batch_size=self.max_batch_size, steps_per_task=self.steps_per_task,
+                requests=idle, resident_images=self._resident_images(), last_stage=dict(self.last_stage),
+                degrees=self.degrees)
+            out.tasks = [self._start(plan, now) for plan in self.policy.plan(view)]
+        out.frees, self._frees = self._frees, []
         return out
 
     def _resident_images(self) -> dict[int, int]:
@@ -112,8 +115,10 @@ class Scheduler:
 
     def _start(self, plan: Plan, now: float) -> Task:
         self._check(plan)
+        group = tuple(plan.group)
         task = Task(task_id=next(self._task_ids), stage=plan.stage, request_ids=list(plan.request_ids),
-                    group=tuple(plan.group), num_steps=plan.num_steps)
+                    group=group, num_steps=plan.num_steps)
+        available = set(self.free_workers)
         for rid in plan.request_ids:
             request = self.requests[rid]
             request.task_id = task.task_id
@@ -121,6 +126,17 @@ class Scheduler:
                 request.first_scheduled_time = now
             if plan.stage == Stage.ENCODE:
                 task.new_requests.append(NewRequest(rid, request.prompt, request.params))
+                continue
+            if request.location != group:
+                try:
+                    migration, frees = plan_migration(request, group, available)
+                except ValueError as exc:
+                    raise RuntimeError(f"policy {self.policy.name}: {exc}") from None
+                if migration is not None:
+                    task.migrations.append(migration)
+                self._frees.extend((rank, [rid]) for rank in frees)
+                # Every member of the group holds the full state once the task has run.
+                request.location = group
         self.busy.update(task.members)
         self.last_stage.update(dict.fromkeys(task.members, task.stage))
         self._running[task.task_id] = _RunningTask(task, set(task.members))
@@ -143,11 +159,12 @@ class Scheduler:
                         Stage.DECODE: request.denoised}[plan.stage]
             if not expected:
                 raise RuntimeError(f"policy {self.policy.name} planned {plan.stage.name} for {request}")
-            if plan.stage != Stage.ENCODE and request.location != plan.group:
-                raise RuntimeError(f"policy {self.policy.name} planned {request} on {plan.group}")
             shapes.add(request.shape)
         if plan.stage != Stage.ENCODE and len(shapes) > 1:
             raise RuntimeError(f"policy {self.policy.name} batched different shapes: {shapes}")
+        if plan.stage == Stage.DENOISE and len(plan.group) not in self.degrees:
+            raise RuntimeError(f"policy {self.policy.name} planned degree {len(plan.group)}; "
+                               f"the model allows {self.degrees}")
 
     # ----- results in --------------------------------------------------------------
     def on_result(self, result: TaskResult, now: float) -> list[RequestUpdate]:

@@ -29,7 +29,7 @@ def complete(sched, task, now=1.0, error=None, item_errors=()):
         step = 0 if task.stage == Stage.ENCODE else min(req.num_steps, req.step + task.num_steps)
         items.append(ItemResult(rid, step, error="boom" if rid in item_errors else None))
     updates = []
-    for rank in task.group:
+    for rank in task.members:
         leader = rank == task.group[0]
         updates += sched.on_result(TaskResult(task.task_id, rank, items if leader else [], error=error), now)
     return updates
@@ -232,3 +232,63 @@ def test_the_scheduler_imports_without_torch():
     code = ("import sys; import engine.scheduler.scheduler, engine.scheduler.policies; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_request_moved_to_a_wider_group_lists_its_migration():
+    """The degree sequence 1 -> 2 -> 1 on other ranks: each move copies state peer to peer."""
+    script = [(Stage.ENCODE, (0,)), (Stage.DENOISE, (1, 2)), (Stage.DENOISE, (2,)), (Stage.DENOISE, (3,)),
+              (Stage.DECODE, (3,))]
+
+    class Scripted(Policy):
+        name = "scripted"
+
+        def plan(self, view):
+            stage, group = script.pop(0)
+            return [Plan(stage, [view.requests[0].request_id], group)]
+
+    sched = Scheduler(Scripted(), num_workers=4, degrees=(1, 2))
+    sched.add_request(make_request("r", steps=3))
+    tasks = []
+    for _ in range(5):
+        out = sched.schedule(0)
+        tasks.append((out.tasks[0], out.frees))
+        complete(sched, out.tasks[0])
+    (encode, _), (wide, free1), (narrow, free2), (moved, free3), (decode, free4) = tasks
+    assert encode.migrations == []
+    assert [(m.src, m.dsts) for m in wide.migrations] == [(0, (1, 2))]
+    assert wide.members == (1, 2, 0)  # rank 0 only sends, then drops its copy
+    assert free1 == []
+    assert narrow.migrations == [] and free2 == [(1, ["r"])]  # rank 2 already holds it
+    assert [(m.src, m.dsts) for m in moved.migrations] == [(2, (3,))] and moved.members == (3, 2)
+    assert decode.migrations == [] and not sched.requests
+
+
+def test_a_degree_the_model_cannot_split_is_refused():
+    class Wide(Policy):
+        name = "wide"
+
+        def plan(self, view):
+            r = view.requests[0]
+            stage = Stage.ENCODE if r.location is None else Stage.DENOISE
+            return [Plan(stage, [r.request_id], (0, 1, 2))]
+
+    sched = Scheduler(Wide(), num_workers=4, degrees=(1, 2, 4))
+    sched.add_request(make_request("r"))
+    complete(sched, sched.schedule(0).tasks[0])  # encode on three ranks is fine
+    with pytest.raises(RuntimeError, match="degree 3"):
+        sched.schedule(0)
+
+
+def test_static_lanes_run_one_request_at_a_time_at_a_fixed_degree():
+    sched = Scheduler(make_policy("static", static_degree=2), num_workers=4, degrees=(1, 2, 4))
+    for i in range(3):
+        sched.add_request(make_request(f"r{i}", arrival=i, steps=2))
+    tasks = run_until_idle(sched)
+    groups = {}
+    for task in tasks:
+        assert len(task.request_ids) == 1 and len(task.group) == 2 and not task.migrations
+        groups.setdefault(task.request_ids[0], set()).add(task.group)
+    assert all(len(g) == 1 for g in groups.values())  # a request never changes lane
+    assert groups["r0"] != groups["r1"]  # two lanes serve two requests at once
+    with pytest.raises(ValueError, match="static degree 3"):
+        Scheduler(make_policy("static", static_degree=3), num_workers=4, degrees=(1, 2, 4))
