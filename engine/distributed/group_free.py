@@ -73,6 +73,11 @@ class Collectives(ABC):
     @abstractmethod
     def recv_bytes(self, src: int) -> bytes: ...
 
+    @abstractmethod
+    def exchange_bytes(self, outgoing: dict[int, bytes], incoming: Sequence[int]) -> dict[int, bytes]:
+        """Send one message to each peer in ``outgoing`` and receive one from each peer in
+        ``incoming``, all at once (so two ranks sending to each other cannot deadlock)."""
+
     def barrier(self, group: Group) -> None:
         """Return once every member of ``group`` has entered the barrier."""
         self.all_gather(group, torch.zeros(1, dtype=torch.uint8))
@@ -131,12 +136,16 @@ class ShmCollectives(Collectives):
         return out
 
     def send_bytes(self, data: bytes, dst: int) -> None:
-        run_ops(self.channels, [SendOp(self.channels, dst, np.frombuffer(data, dtype=np.uint8))])
+        self.exchange_bytes({dst: data}, ())
 
     def recv_bytes(self, src: int) -> bytes:
-        op = RecvOp(self.channels, src)
-        run_ops(self.channels, [op])
-        return op.out.tobytes()  # type: ignore[union-attr]
+        return self.exchange_bytes({}, (src,))[src]
+
+    def exchange_bytes(self, outgoing: dict[int, bytes], incoming: Sequence[int]) -> dict[int, bytes]:
+        sends = [SendOp(self.channels, dst, np.frombuffer(data, dtype=np.uint8)) for dst, data in outgoing.items()]
+        recvs = {src: RecvOp(self.channels, src) for src in incoming}
+        run_ops(self.channels, [*sends, *recvs.values()])
+        return {src: op.out.tobytes() for src, op in recvs.items()}  # type: ignore[union-attr]
 
     def close(self) -> None:
         self.channels.close()
@@ -204,13 +213,20 @@ class NcclCollectives(Collectives):
         return out
 
     def send_bytes(self, data: bytes, dst: int) -> None:
-        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
-        self.send(size, dst)
-        if data:
-            self.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device), dst)
+        self.exchange_bytes({dst: data}, ())
 
     def recv_bytes(self, src: int) -> bytes:
-        size = int(self.recv(torch.zeros(1, dtype=torch.int64, device=self.device), src).item())
-        if not size:
-            return b""
-        return self.recv(torch.empty(size, dtype=torch.uint8, device=self.device), src).cpu().numpy().tobytes()
+        return self.exchange_bytes({}, (src,))[src]
+
+    def exchange_bytes(self, outgoing: dict[int, bytes], incoming: Sequence[int]) -> dict[int, bytes]:
+        # Sizes first, so each receiver can allocate; then the payloads, all in one batch.
+        sizes_out = [(torch.tensor([len(d)], dtype=torch.int64, device=self.device), dst)
+                     for dst, d in outgoing.items()]
+        sizes_in = {src: torch.zeros(1, dtype=torch.int64, device=self.device) for src in incoming}
+        self._exchange(sizes_out, [(t, src) for src, t in sizes_in.items()])
+        payloads_out = [(torch.frombuffer(bytearray(d), dtype=torch.uint8).to(self.device), dst)
+                        for dst, d in outgoing.items() if d]
+        payloads_in = {src: torch.empty(int(t.item()), dtype=torch.uint8, device=self.device)
+                       for src, t in sizes_in.items()}
+        self._exchange(payloads_out, [(t, src) for src, t in payloads_in.items() if t.numel()])
+        return {src: t.cpu().numpy().tobytes() for src, t in payloads_in.items()}

@@ -33,6 +33,11 @@ def _scenarios(rank: int, comm: ShmCollectives, numel: int) -> dict:
         gathered = comm.all_gather(group, torch.full((3, numel), float(rank)))
         out[("gather", group)] = [int(t[0, 0].item()) for t in gathered]
         comm.barrier(group)
+    # Two ranks that send each other more than a slot holds, at once, must not deadlock.
+    if rank in (1, 2):
+        peer = 3 - rank
+        got = comm.exchange_bytes({peer: bytes([rank]) * 200_000}, (peer,))
+        out["exchange"] = got[peer] == bytes([peer]) * 200_000
     if rank == 0:
         comm.send_bytes(b"state of request 42" * 1000, 2)
         comm.send(torch.ones(5), 1)
@@ -91,6 +96,7 @@ def test_collectives_over_any_ordered_group(numel, capacity):
             elif key[0] == "gather":
                 assert value == list(key[1]), (rank, key)
     assert results[2]["bytes"] is True
+    assert results[1]["exchange"] is True and results[2]["exchange"] is True
     assert results[1]["tensor"] == [1.0] * 5
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(SEGMENT_PREFIX)]
 
