@@ -78,6 +78,8 @@ class ImageParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         _check_int("partial_images", self.partial_images, 0, 3)
         if self.partial_images > steps:
             raise InvalidParamsError("partial_images cannot exceed num_inference_steps", "partial_images")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise InvalidParamsError("negative_prompt must be a string", "negative_prompt")
         if self.negative_prompt is not None and len(self.negative_prompt) > limits.max_prompt_chars:
             raise InvalidParamsError(
                 f"negative_prompt is longer than {limits.max_prompt_chars} characters", "negative_prompt")
