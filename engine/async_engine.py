@@ -13,14 +13,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
 
 from engine.config import EngineConfig
 from engine.executor.base import Executor
-from engine.messages import ModelInfo, TaskResult
+from engine.messages import ModelInfo, Stage, Task, TaskResult
 from engine.outputs import (
     GeneratedImage,
     RequestAbortedError,
@@ -28,11 +28,22 @@ from engine.outputs import (
     RequestMetrics,
     RequestOutput,
 )
-from engine.request import ImageParams, InvalidParamsError, Request, ShapeKey, check_prompt
+from engine.request import (
+    ImageParams,
+    InvalidParamsError,
+    Request,
+    RequestStatus,
+    ShapeKey,
+    check_prompt,
+)
 from engine.scheduler.policies import make_policy
 from engine.scheduler.scheduler import RequestUpdate, Scheduler, UpdateKind
+from engine.stats import EngineObserver, RequestStats, TaskStats
 
 logger = logging.getLogger(__name__)
+
+
+_ENDS = (UpdateKind.FINISHED, UpdateKind.FAILED, UpdateKind.ABORTED)
 
 
 class EngineDeadError(RuntimeError):
@@ -78,6 +89,9 @@ class AsyncEngine:
         self._idle = asyncio.Event()
         self._idle.set()
         self.last_progress_time = time.monotonic()
+        self._observers: list[EngineObserver] = []
+        # task id -> (task, images in it), kept only while someone observes.
+        self._observed_tasks: dict[int, tuple[Task, int]] = {}
 
     @classmethod
     async def create(cls, config: EngineConfig | None = None, **options: Any) -> AsyncEngine:
@@ -161,6 +175,10 @@ class AsyncEngine:
             if not done:
                 self._abort(request_id)
 
+    def add_observer(self, observer: EngineObserver) -> None:
+        """Report every finished task and ended request to ``observer`` (e.g. metrics)."""
+        self._observers.append(observer)
+
     async def abort(self, request_id: str) -> None:
         self._abort(request_id)
 
@@ -178,6 +196,9 @@ class AsyncEngine:
             return
         self._closed = True
         for request_id in list(self._streams):
+            request = self.scheduler.requests.get(request_id)
+            if request is not None:
+                self._observe_request(request, RequestStatus.ABORTED)
             self._end_stream(request_id, RequestAbortedError(request_id, "the engine is shutting down"))
         if self.model_info is not None:
             await self.executor.shutdown()
@@ -196,6 +217,9 @@ class AsyncEngine:
         for rank, request_ids in out.frees:
             self.executor.free(rank, request_ids)
         for task in out.tasks:
+            if self._observers:
+                images = sum(self.scheduler.requests[rid].n for rid in task.request_ids)
+                self._observed_tasks[task.task_id] = (task, images)
             self.executor.submit(task)
 
     def _abort(self, request_id: str) -> None:
@@ -206,11 +230,15 @@ class AsyncEngine:
 
     def _on_result(self, result: TaskResult) -> None:
         self.last_progress_time = time.monotonic()
+        if self._observers:
+            self._observe_task(result)
         self._publish(self.scheduler.on_result(result, self.last_progress_time))
         self._kick()
 
     def _on_worker_failed(self, rank: int, message: str) -> None:
         logger.error("worker %d failed: %s", rank, message)
+        self._observed_tasks = {tid: rec for tid, rec in self._observed_tasks.items()
+                                if rank not in rec[0].members}
         self._publish(self.scheduler.on_worker_failed(rank, message, time.monotonic()))
         self._kick()
 
@@ -225,6 +253,8 @@ class AsyncEngine:
             rid = request.request_id
             if rid not in self._streams:
                 continue
+            if update.kind in _ENDS:
+                self._observe_request(request, request.status)
             if update.kind == UpdateKind.FAILED:
                 self._end_stream(rid, RequestFailedError(rid, request.error or "request failed"))
             elif update.kind == UpdateKind.ABORTED:
@@ -241,6 +271,38 @@ class AsyncEngine:
             stream.put_nowait(final)
         if not self._streams:
             self._idle.set()
+
+    def _observe_task(self, result: TaskResult) -> None:
+        """Report a task once, with its leader's result (called before the scheduler applies it)."""
+        record = self._observed_tasks.get(result.task_id)
+        if record is None or result.rank != record[0].group[0]:
+            return
+        task, images = self._observed_tasks.pop(result.task_id)
+        steps = 1
+        if task.stage == Stage.DENOISE:
+            requests = self.scheduler.requests
+            done = [item.step - requests[item.request_id].step for item in result.items
+                    if item.request_id in requests and item.error is None]
+            steps = max(done, default=0) or task.num_steps
+        stats = TaskStats(task.stage, images, len(task.group), steps, result.elapsed_s,
+                          failed=result.error is not None)
+        self._notify(lambda observer: observer.on_task(stats))
+
+    def _observe_request(self, request: Request, status: RequestStatus) -> None:
+        if not self._observers:
+            return
+        end = request.finished_time if request.finished_time is not None else time.monotonic()
+        wait = None if request.first_scheduled_time is None else request.first_scheduled_time - request.arrival_time
+        images = request.n if status == RequestStatus.FINISHED else 0
+        stats = RequestStats(request.request_id, status, images, end - request.arrival_time, wait)
+        self._notify(lambda observer: observer.on_request(stats))
+
+    def _notify(self, call: Callable[[EngineObserver], None]) -> None:
+        for observer in self._observers:
+            try:
+                call(observer)
+            except Exception:  # noqa: BLE001 - a broken metric must not fail requests
+                logger.exception("engine observer %r failed", observer)
 
     @staticmethod
     def _output(request: Request, update: RequestUpdate, *, finished: bool) -> RequestOutput:

@@ -12,6 +12,7 @@ from engine.config import add_engine_args, engine_options_from_args
 # name -> (module, help); the module has add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("entrypoints.cli_generate", "generate images for one prompt and save them"),
+    "serve": ("entrypoints.cli_serve", "serve the OpenAI-compatible images API over HTTP"),
     "batch": ("entrypoints.cli_batch", "generate every line of a JSONL file (resumable)"),
 }
 

@@ -1,0 +1,73 @@
+"""``gfdit serve [MODEL]``: the OpenAI-compatible images server until SIGTERM or Ctrl-C.
+
+On SIGTERM (or SIGINT) the server stops listening, answers new requests on open
+connections with 503, lets the requests in flight finish for up to ``--drain-timeout``
+seconds, aborts the rest (answered 503), stops the engine and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from typing import TYPE_CHECKING, Any
+
+from engine.config import DEFAULT_MODEL, add_engine_args, engine_options_from_args
+
+if TYPE_CHECKING:
+    from entrypoints.api_server import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help=f"a preset, a diffusers folder or a hub id (default: {DEFAULT_MODEL})")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--api-key", default=os.environ.get("GFDIT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $GFDIT_API_KEY)")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="names clients may pass as model (default: the model's name)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="most generation requests held at once; more get 429 (default: 256)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds requests in flight may take to finish on shutdown (default: 30)")
+    parser.add_argument("--url-ttl", type=float, default=600.0,
+                        help="seconds an image behind a response_format=url link stays (default: 600)")
+    add_engine_args(parser, with_model=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from entrypoints.api_server import ServerConfig
+
+    config = ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key or None,
+        served_model_names=tuple(args.served_model_name or ()), max_queue=args.max_queue,
+        drain_timeout_s=args.drain_timeout, url_ttl_s=args.url_ttl)
+    asyncio.run(serve({**engine_options_from_args(args), "model": args.model}, config))
+    return 0
+
+
+async def serve(engine_options: dict[str, Any], config: ServerConfig) -> None:
+    from engine.async_engine import AsyncEngine
+    from entrypoints.api_server import APIServer
+
+    engine = await AsyncEngine.create(**engine_options)
+    try:
+        server = APIServer(engine, config)
+        await server.start()
+        # A line for people and for scripts that started us on port 0.
+        print(f"gfdit: serving {', '.join(server.model_names)} on {server.url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logger.info("shutting down: draining requests in flight (up to %g s)", config.drain_timeout_s)
+        await server.stop()
+    finally:
+        await engine.shutdown()
+    logger.info("stopped")
