@@ -12,6 +12,8 @@ from engine.config import add_engine_args, engine_options_from_args
 # name -> (module, help); the module has add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("entrypoints.cli_generate", "generate images for one prompt and save them"),
+    "simulate": ("entrypoints.cli_simulate", "compare scheduling policies on a simulated cluster"),
+    "profile": ("entrypoints.cli_profile", "measure stage times on this machine and write a cost-model profile"),
 }
 
 

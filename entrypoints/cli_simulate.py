@@ -1,0 +1,189 @@
+"""``gfdit simulate``: every policy on one simulated cluster and workload, side by side.
+
+    gfdit simulate                                   # 4 GPUs, H20 Qwen-Image, S/M/L at load 1.1
+    gfdit simulate --num-gpus 8 --load 0.8 --duration 1800 --json sim.json
+    gfdit simulate --profile cpu_small_pixart --num-gpus 2 --workload wl.jsonl --saturate 0
+
+The real scheduler and policies run against a virtual clock; workers are replaced by the
+cost model of ``--profile``. Pure Python: no torch, no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="h20_qwen_image",
+                        help="a shipped profile name or a profile JSON (gfdit profile writes one)")
+    parser.add_argument("--num-gpus", type=int, default=4, help="workers in the simulated cluster")
+    parser.add_argument("--policies", default=None,
+                        help="comma-separated: static-K, fcfs, srtf, edf, elastic, module:Class "
+                             "(default: static at every degree the profile has, then fcfs, srtf, edf, elastic)")
+    parser.add_argument("--baseline", default=None, help="the policy the others are compared with "
+                        "(default: static at the largest degree)")
+    parser.add_argument("--classes", default=None,
+                        help="NAME:WxH:WEIGHT:ALPHA[:STEPS],... (default: S:512x512:0.5:1.5,"
+                             "M:1024x1024:0.3:2.0,L:1536x1536:0.2:6.0)")
+    parser.add_argument("--load", type=float, default=1.1,
+                        help="offered single-GPU work / (GPUs x window)")
+    parser.add_argument("--duration", type=float, default=3600.0, help="arrival window in seconds")
+    parser.add_argument("--phases", default=None,
+                        help="piecewise-Poisson DURATION:LOAD,... (instead of --load/--duration)")
+    parser.add_argument("--saturate", type=int, default=200,
+                        help="requests at t=0 for the saturated-throughput run (0: skip it)")
+    parser.add_argument("--workload", default=None, help="a JSONL workload (benchmarks/workloads.py writes one)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the profile's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--migration-ms", type=float, default=None,
+                        help="flat cost per state migration (default: the profile's model)")
+    parser.add_argument("--jitter", type=float, default=0.0,
+                        help="log-normal sigma on every task time (0: exactly the cost model)")
+    parser.add_argument("--json", default=None, help="write the figures here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.scheduler.cost_model import CostModel
+    from engine.scheduler.profile import ProfileError
+    from engine.sim.experiment import (
+        PolicySpec,
+        compare,
+        default_policies,
+        run_policies,
+        saturation_bound,
+    )
+    from engine.sim.workload import (
+        DEFAULT_CLASSES,
+        Phase,
+        RequestClass,
+        generate,
+        load_jsonl,
+        offered_load,
+    )
+
+    try:
+        cm = CostModel.load(args.profile)
+        classes = ([RequestClass.parse(c) for c in args.classes.split(",")] if args.classes
+                   else list(DEFAULT_CLASSES))
+        phases = Phase.parse_list(args.phases) if args.phases else [Phase(args.duration, args.load)]
+    except (ProfileError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.migration_ms is not None:
+        cm = cm.with_migration(args.migration_ms)
+    degrees = tuple(d for d in cm.degrees if d <= args.num_gpus)
+    specs = ([PolicySpec.parse(s) for s in args.policies.split(",")] if args.policies
+             else default_policies(degrees))
+    baseline = args.baseline or f"static-{max(degrees)}"
+    if args.workload:
+        workload = load_jsonl(args.workload)
+        window = max((w.arrival_s for w in workload), default=0.0) or 1.0
+    else:
+        workload = generate(classes, cm, num_gpus=args.num_gpus, phases=phases, steps=args.steps, seed=args.seed)
+        window = sum(p.duration_s for p in phases)
+    saturated = generate(classes, cm, num_gpus=args.num_gpus, saturate=args.saturate, steps=args.steps,
+                         seed=args.seed) if args.saturate else []
+    try:
+        results = run_policies(specs, cm, args.num_gpus, workload, saturated, max_batch_size=args.max_batch_size,
+                               jitter=args.jitter, seed=args.seed)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    by_label = {r.spec.label: r for r in results}
+    labels = [c.name for c in classes] if not args.workload else sorted({w.label for w in workload})
+    load = offered_load(workload, cm, args.num_gpus, window)
+    print(f"profile {args.profile} ({cm.profile.model} on {cm.profile.device}); {args.num_gpus} GPUs, degrees {degrees}")
+    for line in cm.describe():
+        print(f"  {line}")
+    print(f"workload: {len(workload)} requests over {window:.0f} s, offered load {load:.2f}; classes "
+          + ", ".join(f"{c.name} {c.width}x{c.height} w={c.weight:g} alpha={c.alpha}" for c in classes)
+          + (f"; saturation: {len(saturated)} requests at t=0" if saturated else ""))
+    _print_table(results, labels)
+
+    comparisons = {}
+    bound = saturation_bound(classes, cm, int(baseline.split("-")[1]), degrees, args.steps) \
+        if baseline.startswith("static-") else math.nan
+    if baseline in by_label:
+        for label in ("elastic", "edf"):
+            if label in by_label:
+                comparisons[label] = compare(by_label[label], by_label[baseline])
+                _print_comparison(label, baseline, comparisons[label], results, bound)
+    if args.json:
+        from engine.sim.experiment import PAPER
+
+        figures = {
+            "config": {"profile": args.profile, "num_gpus": args.num_gpus, "degrees": list(degrees),
+                       "classes": [c.__dict__ for c in classes], "target_load": args.load,
+                       "offered_load": load, "window_s": window, "requests": len(workload),
+                       "saturation_requests": len(saturated), "seed": args.seed, "jitter": args.jitter,
+                       "max_batch_size": args.max_batch_size, "migration_ms": args.migration_ms,
+                       "workload_file": args.workload, "baseline": baseline},
+            "policies": {r.spec.label: r.to_dict() for r in results},
+            "comparison": {label: {"baseline": baseline, **c} for label, c in comparisons.items()},
+            "saturated_throughput_bound_x": bound,
+            "paper": PAPER,
+        }
+        Path(args.json).write_text(json.dumps(_finite(figures), indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _print_table(results, labels: list[str]) -> None:
+    head = ["policy", "req/s", "sat req/s", "mean s", "p95 s", "SLO", *(f"SLO {k}" for k in labels),
+            "degree mix (image-steps)", "migr."]
+    rows = [head]
+    for r in results:
+        m = r.loaded.metrics if r.loaded else None
+        sat = f"{r.saturated.metrics.throughput:.4f}" if r.saturated else "-"
+        if m is None:
+            rows.append([r.spec.label, "-", sat, *["-"] * (len(head) - 3)])
+            continue
+        steps = r.loaded.denoise_steps_by_degree
+        total = sum(steps.values()) or 1
+        mix = " ".join(f"{d}:{n / total:.0%}" for d, n in steps.items())
+        rows.append([r.spec.label, f"{m.throughput:.4f}", sat, f"{m.latency.mean:.1f}", f"{m.latency.p95:.1f}",
+                     _pct(m.slo_attainment), *(_pct(m.class_attainment.get(k, math.nan)) for k in labels),
+                     mix, str(r.loaded.migrations)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    print()
+    for k, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _print_comparison(label: str, baseline: str, c: dict[str, float], results, bound: float) -> None:
+    from engine.sim.experiment import PAPER
+
+    statics = [r for r in results if r.spec.name == "static" and r.loaded is not None]
+    mine = next(r for r in results if r.spec.label == label)
+    best = all(mine.loaded.metrics.slo_attainment > s.loaded.metrics.slo_attainment for s in statics)
+    print(f"\n{label} vs {baseline}          gfdit      target    GF-DiT paper (up to)")
+    print(f"  SLO violations            {c.get('slo_violation_x', math.nan):6.2f}x    <= 0.10x   "
+          f"{1 + PAPER['slo_violation_change']:.2f}x ({PAPER['slo_violation_change']:+.0%})")
+    print(f"  mean latency              {c.get('mean_latency_x', math.nan):6.2f}x    <= 0.50x   "
+          f"{1 + PAPER['mean_latency_change']:.2f}x ({PAPER['mean_latency_change']:+.0%})")
+    print(f"  saturated throughput      {c.get('saturated_throughput_x', math.nan):6.2f}x    >= 3.00x   "
+          f"{PAPER['throughput_x']:.2f}x   (bound on this profile and mix: {bound:.2f}x)")
+    print(f"  best SLO attainment vs every static: {'yes' if best else 'no'}")
+
+
+def _pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1%}"
+
+
+def _finite(value: object) -> object:
+    """NaN and infinity as null: JSON has neither."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
