@@ -59,6 +59,7 @@ class Round:
     drafts: list[Draft]
     taken: set[str]
     slow: set[int]
+    load: dict[int, float] | None = None  # worker-seconds of state held per rank, once needed
 
     def take(self, draft: Draft) -> None:
         self.free.difference_update(draft.group)
@@ -100,9 +101,8 @@ class EDFPolicy(Policy):
     def _start(self, rnd: Round, r: Request) -> None:
         view = rnd.view
         if r.location is None:
-            group = pick_group(rnd.free, 1, None, view.num_workers, rnd.slow)
-            batch = self._followers(rnd, r, lambda q: q.location is None)
-            rnd.take(Draft(Stage.ENCODE, batch, group))  # type: ignore[arg-type]
+            rank, batch = self._encode_share(rnd, r)
+            rnd.take(Draft(Stage.ENCODE, batch, (rank,)))
         elif r.denoised:
             holders = [rank for rank in r.location if rank in rnd.free]
             if holders:
@@ -115,6 +115,38 @@ class EDFPolicy(Policy):
             group = pick_group(rnd.free, degree, r.location, view.num_workers, rnd.slow)
             if group is not None and holds(group, [r]):
                 rnd.take(Draft(Stage.DENOISE, [r], group))
+
+    def _encode_share(self, rnd: Round, leader: Request) -> tuple[int, list[Request]]:
+        """Spread the new requests over the free ranks by the work each rank already holds
+        (water-filling, at most a batch per rank) and return the leader's rank and share.
+
+        Where a request is encoded is where its state lives, and a request moves only
+        from a free holder, so placing new work evenly now is what keeps every worker busy
+        later."""
+        book = rnd.book
+        if rnd.load is None:
+            rnd.load = {}
+            for r in [*rnd.view.requests, *rnd.view.running]:
+                for rank in r.location or ():
+                    rnd.load[rank] = rnd.load.get(rank, 0.0) + book.work_s(r) / len(r.location)
+        free = sorted(rnd.free)
+        load = {rank: rnd.load.get(rank, 0.0) for rank in free}
+        images = dict.fromkeys(free, 0)
+        shares: dict[int, list[Request]] = {rank: [] for rank in free}
+        for q in rnd.order:
+            if q.location is not None or q.request_id in rnd.taken:
+                continue
+            open_ranks = [k for k in free if not shares[k] or images[k] + q.n <= rnd.view.max_batch_size]
+            if not open_ranks:
+                break
+            rank = min(open_ranks, key=lambda k: (load[k], k in rnd.slow, k))
+            shares[rank].append(q)
+            load[rank] += book.work_s(q)
+            images[rank] += q.n
+        rank = next(k for k, share in shares.items() if leader in share)
+        for q in shares[rank]:
+            rnd.load[rank] = rnd.load.get(rank, 0.0) + book.work_s(q)
+        return rank, shares[rank]
 
     def _followers(self, rnd: Round, leader: Request, fits: Any) -> list[Request]:
         """The leader and, in urgency order, idle requests that may share its task."""

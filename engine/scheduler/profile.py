@@ -21,11 +21,10 @@ Schema (``"schema": 1``)::
          "ms": 155.0},                # denoise: one step; encode/decode: the whole task
         ...
       ],
-      "migration": {                  # moving one request's state to other ranks
-        "latency_ms": 1.0,            # fixed cost per migration
-        "bandwidth_gb_s": 100.0,      # peer-to-peer bandwidth
-        "state_bytes_fixed": 0,       # bytes per image independent of size (embeddings)
-        "state_bytes_per_token": 0,   # bytes per image token (latents)
+      "migration": {                  # moving one request's state to other ranks:
+        "latency_ms": 1.0,            #   latency + images * (per_image + per_token * tokens)
+        "ms_per_image": 0.07,         #   (embeddings, scheduler state: size-independent)
+        "ms_per_token": 1.3e-06,      #   (latents: bytes per token / bandwidth)
         "measured": false             # true when measured, false when estimated
       },
       "notes": ["free text", ...]
@@ -38,7 +37,6 @@ DECODE points are taken at degree 1 (those stages do not split across a group).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,15 +62,15 @@ class Point:
 
 @dataclass(frozen=True)
 class MigrationSpec:
+    """Time to move one request's state; a profile without it makes migrations free."""
+
     latency_ms: float = 0.0
-    bandwidth_gb_s: float = math.inf
-    state_bytes_fixed: float = 0.0
-    state_bytes_per_token: float = 0.0
+    ms_per_image: float = 0.0
+    ms_per_token: float = 0.0
     measured: bool = False
 
     def cost_ms(self, tokens: int, images: int) -> float:
-        size = (self.state_bytes_fixed + self.state_bytes_per_token * tokens) * images
-        return self.latency_ms + size / (self.bandwidth_gb_s * 1e9) * 1e3
+        return self.latency_ms + images * (self.ms_per_image + self.ms_per_token * tokens)
 
 
 @dataclass(frozen=True)
