@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 _print_comparison(label, baseline, comparisons[label], results, bound)
     if args.json:
         from engine.sim.experiment import PAPER
+        from engine.sim.report import finite
 
         figures = {
             "config": {"profile": args.profile, "num_gpus": args.num_gpus, "degrees": list(degrees),
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
             "saturated_throughput_bound_x": bound,
             "paper": PAPER,
         }
-        Path(args.json).write_text(json.dumps(_finite(figures), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(finite(figures), indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 
@@ -176,14 +177,3 @@ def _print_comparison(label: str, baseline: str, c: dict[str, float], results, b
 
 def _pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1%}"
-
-
-def _finite(value: object) -> object:
-    """NaN and infinity as null: JSON has neither."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

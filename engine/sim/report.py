@@ -103,3 +103,14 @@ class ServingMetrics:
 def attainment(records: Sequence[RequestRecord]) -> float:
     with_slo = [r for r in records if r.deadline_s is not None]
     return sum(r.met for r in with_slo) / len(with_slo) if with_slo else math.nan
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None, for JSON (which has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
