@@ -94,6 +94,7 @@ class EDFPolicy(Policy):
                 break
             if r.request_id not in rnd.taken:
                 self._start(rnd, r)
+        self.steal(rnd)
         self.fill(rnd)
         self.spare(rnd)
         return [d.plan(view.steps_per_task) for d in rnd.drafts]
@@ -176,6 +177,46 @@ class EDFPolicy(Policy):
 
     def fill(self, rnd: Round) -> None:
         """Use what the round left: edf does not batch denoise steps."""
+
+    def steal(self, rnd: Round) -> None:
+        """Give a worker left idle requests queued behind another worker's task.
+
+        A request moves only from a free holder, and a holder computing this round is not
+        free: so the holder with the most queued work sends its next queued requests (a
+        batch where batching pays, up to half its queue) to the idle worker this round,
+        and computes its own next round, once the sends (milliseconds) are done. Without
+        this, work placed on a worker stays there while another idles."""
+        book = rnd.book
+        for idle in sorted(rnd.free):
+            queued: dict[int, list[Request]] = {}
+            for r in rnd.view.requests:
+                if (r.location is not None and len(r.location) == 1 and not r.denoised
+                        and r.request_id not in rnd.taken):
+                    queued.setdefault(r.location[0], []).append(r)
+            victims = [d for d in rnd.drafts if d.stage == Stage.DENOISE and len(d.group) == 1
+                       and queued.get(d.group[0])]
+            if not victims:
+                return
+            draft = max(victims, key=lambda d: (sum(book.work_s(r) for r in queued[d.group[0]]), -d.group[0]))
+            queue = book.ordered(queued[draft.group[0]])  # most urgent first
+            first = queue[0]
+            if self.cost_model.migration_s(book.tokens(first), first.n) >= book.step_s(first, 1):  # type: ignore[union-attr]
+                continue
+            moved = Draft(Stage.DENOISE, [first], (idle,))
+            half = sum(book.work_s(r) for r in [*queue, *draft.requests]) / 2
+            for q in queue[1:]:
+                if sum(book.work_s(r) for r in moved.requests) >= half:
+                    break
+                if q.shape == first.shape and self.batch_cost(rnd, moved, q) is not None:
+                    moved.requests.append(q)
+            rnd.drafts.remove(draft)
+            rnd.taken.difference_update(r.request_id for r in draft.requests)
+            rnd.take(moved)
+
+    def batch_cost(self, rnd: Round, draft: Draft, q: Request) -> float | None:
+        """The worker-seconds per step that adding ``q`` to ``draft`` costs, or None if it
+        should not join: edf never batches denoise steps."""
+        return None
 
     def spare(self, rnd: Round) -> None:
         """Widen the earliest-deadline denoise groups while workers are left and it helps."""

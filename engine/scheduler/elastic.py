@@ -22,7 +22,7 @@ holders are busy with more urgent work.
 from __future__ import annotations
 
 from engine.messages import Stage
-from engine.request import ShapeKey
+from engine.request import Request, ShapeKey
 from engine.scheduler.cost_model import CostModel
 from engine.scheduler.edf import Draft, EDFPolicy, Round, holds
 
@@ -37,7 +37,6 @@ class ElasticPolicy(EDFPolicy):
         self.min_widen_gain = min_widen_gain
 
     def fill(self, rnd: Round) -> None:
-        book, view = rnd.book, rnd.view
         by_shape: dict[ShapeKey, list[Draft]] = {}
         for draft in rnd.drafts:
             if draft.stage == Stage.DENOISE:
@@ -45,24 +44,33 @@ class ElasticPolicy(EDFPolicy):
         for q in rnd.order:
             if (q.shape not in by_shape or q.request_id in rnd.taken or q.location is None or q.denoised):
                 continue
-            alone = book.cost(q).efficient_step_s
             best: tuple[float, Draft] | None = None
             for draft in by_shape[q.shape]:
-                if draft.images + q.n > view.max_batch_size or not holds(draft.group, [q]):
+                if not holds(draft.group, [q]):
                     continue
-                grown = Draft(draft.stage, [*draft.requests, q], draft.group)
-                extra = (self.task_s(rnd, grown, draft.group) - self.task_s(rnd, draft, draft.group))
-                cost = extra * len(draft.group)
-                if cost >= (1 - self.min_batch_gain) * alone:
-                    continue
-                if any(book.has_deadline(m) and m.request_id not in book.late
-                       and book.slack(m, len(draft.group), grown.images) < 0 for m in draft.requests):
-                    continue
-                if best is None or cost < best[0]:
+                cost = self.batch_cost(rnd, draft, q)
+                if cost is not None and (best is None or cost < best[0]):
                     best = (cost, draft)
             if best is not None:
                 best[1].requests.append(q)
                 rnd.taken.add(q.request_id)
+
+    def batch_cost(self, rnd: Round, draft: Draft, q: Request) -> float | None:
+        """Worker-seconds per step that ``q`` adds to ``draft``; None unless that is under
+        ``1 - min_batch_gain`` of its own most efficient step and no on-time member of the
+        batch would then miss its deadline."""
+        book = rnd.book
+        if draft.requests[0].shape != q.shape or draft.images + q.n > rnd.view.max_batch_size:
+            return None
+        grown = Draft(draft.stage, [*draft.requests, q], draft.group)
+        width = len(draft.group)
+        cost = (self.task_s(rnd, grown, draft.group) - self.task_s(rnd, draft, draft.group)) * width
+        if cost >= (1 - self.min_batch_gain) * book.cost(q).efficient_step_s:
+            return None
+        if any(book.has_deadline(m) and m.request_id not in book.late and book.slack(m, width, grown.images) < 0
+               for m in draft.requests):
+            return None
+        return cost
 
     def spare(self, rnd: Round) -> None:
         denoise = [d for d in rnd.drafts if d.stage == Stage.DENOISE]

@@ -7,14 +7,18 @@ after arrival, so that requests without deadlines age into the order instead of 
 Under overload plain EDF fails badly: it spends the workers on requests that will miss
 anyway, and every request behind them misses too. So the book runs a fluid check in EDF
 order: the work of the requests ahead (at their most efficient degree) spread over all
-workers, plus the request's own, must fit before its deadline; a request with a real
-deadline that cannot make it even so is *late*. Late requests go behind the ones that can
-still make it, shortest remaining work first (that keeps mean latency low); they are
-never dropped. Requests without a deadline are never marked late.
+workers, plus the request's own, must fit before its deadline. When it does not, the
+largest request so far at that priority is marked *late* (Moore-Hodgson: on one machine
+this minimises the number of late jobs; here it sacrifices one big request rather than
+several small ones), as is a request that cannot make it even alone at its fastest
+degree. Late requests go behind the ones that can still make it, shortest remaining
+work first (that keeps mean latency low); they are never dropped. Requests without a
+deadline are never marked late, and a lower priority never pushes a higher one out.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -116,14 +120,29 @@ class DeadlineBook:
                 self.deadline[r.request_id] = r.arrival_time + self.slo_factor * alone
         edf = sorted(requests, key=lambda r: (-r.params.priority, self.deadline[r.request_id], r.arrival_time))
         backlog = 0.0
-        for r in edf:
+        work: dict[str, float] = {}
+        candidates: list[tuple[float, int, Request]] = []  # max-heap by work: who may be made late
+        level = None
+        for k, r in enumerate(edf):
             rid, cost = r.request_id, self.cost(r)
             stages, left = self._stages_s(r, cost), self._steps_left(r)
-            work = stages + left * cost.efficient_step_s
-            finish = self.now + max(stages + left * cost.fastest_step_s, (backlog + work) / self.num_workers)
-            if r.deadline is not None and finish > self.deadline[rid]:
-                self.late.add(rid)
-                self._order_key[rid] = (-r.params.priority, 1, work, r.arrival_time)
+            work[rid] = stages + left * cost.efficient_step_s
+            if r.params.priority != level:  # a lower priority never pushes a higher one out
+                level, candidates = r.params.priority, []
+            if r.deadline is not None and self.now + stages + left * cost.fastest_step_s > r.deadline:
+                self.late.add(rid)  # too late even alone at its fastest degree
+                continue
+            backlog += work[rid]
+            if r.deadline is not None:
+                heapq.heappush(candidates, (-work[rid], -k, r))  # ties: the latest deadline goes
+            if r.deadline is not None and self.now + backlog / self.num_workers > r.deadline and candidates:
+                # Moore-Hodgson: drop the largest job so far, which makes the rest fit again.
+                _, _, victim = heapq.heappop(candidates)
+                backlog -= work[victim.request_id]
+                self.late.add(victim.request_id)
+        for r in requests:
+            rid = r.request_id
+            if rid in self.late:
+                self._order_key[rid] = (-r.params.priority, 1, work[rid], r.arrival_time)
             else:
-                backlog += work
                 self._order_key[rid] = (-r.params.priority, 0, self.deadline[rid], r.arrival_time)

@@ -12,6 +12,9 @@ Hooks for device conditions: ``speed(rank, t)`` is the true relative speed of a 
 device shared with a foreign job runs at, say, 0.5 for a window); ``observe(t)`` is what
 the scheduler is told (``Scheduler.rank_speed``), e.g. by a telemetry source. Leaving
 ``observe`` out simulates a scheduler blind to the slowdown.
+
+A rank outside a task's group that only sends a request's state (a migration source)
+answers once its sends are done, so it is free again long before the group finishes.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class Simulator:
     def run(self, workload: Sequence[WorkloadRequest]) -> SimResult:
         sched = self.scheduler
         seq = itertools.count()
-        events: list[tuple[float, int, WorkloadRequest | Task]] = [
+        events: list[tuple[float, int, WorkloadRequest | tuple[Task, tuple[int, ...]]]] = [
             (w.arrival_s, next(seq), w) for w in sorted(workload, key=lambda w: (w.arrival_s, w.index))]
         heapq.heapify(events)
         meta = {str(w.index): w for w in workload}
@@ -101,7 +104,7 @@ class Simulator:
                 if isinstance(item, WorkloadRequest):
                     sched.add_request(_request(item))
                     continue
-                for update in self._complete(item, now):
+                for update in self._complete(*item, now):
                     w = meta[update.request.request_id]
                     latency = now - w.arrival_s if update.kind == UpdateKind.FINISHED else None
                     records.append(RequestRecord(w.label, w.arrival_s, latency, w.deadline_s, w.n))
@@ -109,10 +112,13 @@ class Simulator:
                 sched.rank_speed = self.observe(now)
             for task in sched.schedule(now).tasks:
                 duration = self._duration(task, now)
-                heapq.heappush(events, (now + duration, next(seq), task))
+                heapq.heappush(events, (now + duration, next(seq), (task, task.group)))
+                for rank, sent in self._senders(task, now).items():
+                    heapq.heappush(events, (now + sent, next(seq), (task, (rank,))))
+                    busy[rank] += sent
                 tasks += 1
                 migrations += len(task.migrations)
-                for rank in task.members:
+                for rank in task.group:
                     busy[rank] += duration
                 if task.stage == Stage.DENOISE:
                     degree_steps[len(task.group)] += task.num_steps * sum(sched.requests[r].n for r in task.request_ids)
@@ -133,13 +139,27 @@ class Simulator:
             r = requests[m.request_id]
             seconds += cm.migration_s(cm.tokens(r.shape.width, r.shape.height), r.n)
         if self.speed is not None:
-            seconds /= min(self.speed(rank, now) for rank in task.members)
+            seconds /= min(self.speed(rank, now) for rank in task.group)
         if self.jitter:
             seconds *= math.exp(self._rng.gauss(0.0, self.jitter))
         return seconds
 
-    def _complete(self, task: Task, now: float):
-        """Every member answers; the leader carries the items, as a worker would."""
+    def _senders(self, task: Task, now: float) -> dict[int, float]:
+        """Ranks outside the group that only send state: each is done once its sends are."""
+        cm, requests = self.cost_model, self.scheduler.requests
+        sent: dict[int, float] = {}
+        for m in task.migrations:
+            if m.src not in task.group:
+                r = requests[m.request_id]
+                seconds = cm.migration_s(cm.tokens(r.shape.width, r.shape.height), r.n)
+                if self.speed is not None:
+                    seconds /= self.speed(m.src, now)
+                sent[m.src] = sent.get(m.src, 0.0) + seconds
+        return sent
+
+    def _complete(self, task: Task, ranks: tuple[int, ...], now: float):
+        """These members answer; the leader carries the items, as a worker would. A rank
+        that only sent state answers when its sends are done, before the group."""
         items = []
         for rid in task.request_ids:
             r = self.scheduler.requests.get(rid)
@@ -150,7 +170,7 @@ class Simulator:
                 step = min(r.num_steps, r.step + task.num_steps)
             items.append(ItemResult(rid, step))
         updates = []
-        for rank in task.members:
+        for rank in ranks:
             result = TaskResult(task.task_id, rank, items if rank == task.group[0] else [])
             updates += self.scheduler.on_result(result, now)
         return [u for u in updates if u.kind in (UpdateKind.FINISHED, UpdateKind.FAILED)]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.messages import Stage
+from engine.messages import Stage, TaskResult
 from engine.scheduler.cost_model import CostModel
 from engine.scheduler.edf import EDFPolicy
 from engine.scheduler.elastic import ElasticPolicy
@@ -157,3 +157,24 @@ def test_every_request_finishes_through_the_real_scheduler(name):
         finished |= {u.request.request_id for u in complete(sched, task, now) if u.kind == UpdateKind.FINISHED}
     assert finished == {f"r{i}" for i in range(12)}
     assert len(degrees) > 1  # it did change degrees on the way
+
+
+def test_an_idle_worker_takes_the_next_request_queued_behind_a_busy_holder():
+    """Rank 0 holds three requests, rank 1 none: rank 0 sends one over instead of computing
+    this round (a few ms), then computes its own; the scheduler accepts the move."""
+    cm = h20()
+    sched = Scheduler(make_policy("elastic", cost_model=cm), num_workers=2, degrees=(1, 2))
+    for i in range(3):
+        sched.add_request(make_request(f"q{i}", arrival=i, steps=50, shape=L))
+    encode = sched.schedule(0.0).tasks
+    assert [t.stage for t in encode] == [Stage.ENCODE] * len(encode)
+    for task in encode:
+        complete(sched, task, 0.0)
+    for r in sched.requests.values():  # as if all three had been placed on rank 0
+        r.location = (0,)
+    [moved] = sched.schedule(0.0).tasks
+    assert moved.group == (1,) and moved.request_ids == ["q1"]  # the next in line behind q0
+    assert [(m.src, m.dsts) for m in moved.migrations] == [(0, (1,))] and moved.members == (1, 0)
+    sched.on_result(TaskResult(moved.task_id, 0, []), 0.001)  # the sender is done first
+    [own] = sched.schedule(0.001).tasks
+    assert own.group == (0,) and own.request_ids == ["q0"] and not own.migrations

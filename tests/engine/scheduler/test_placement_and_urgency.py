@@ -66,3 +66,16 @@ def test_requests_without_deadline_are_never_late_and_running_ones_count():
     assert "waiting" in book.late  # the four running requests hold every GPU until after 80 s
     assert "relaxed" not in book.late
     assert not book.late & {r.request_id for r in running}
+
+
+def test_under_overload_the_largest_request_is_made_late_not_the_small_ones():
+    """One GPU: an L (77.85 s) due at 80 s, then four S (7.75 s each) due at 85 s. Plain
+    EDF keeps the L and every S misses; dropping the L alone lets the four S make it."""
+    cm = h20()
+    big = make_request("big", steps=50, shape=L, deadline_s=80.0)
+    smalls = [make_request(f"s{i}", arrival=1.0, steps=50, deadline_s=84.0) for i in range(4)]
+    book = DeadlineBook(cm, view([big, *smalls], [0], num_workers=1, degrees=(1,)), (1,))
+    assert book.late == {"big"}
+    vip = make_request("vip", steps=50, shape=L, deadline_s=80.0, priority=1)
+    book = DeadlineBook(cm, view([vip, *smalls], [0], num_workers=1, degrees=(1,)), (1,))
+    assert book.late == {"s0", "s1", "s2", "s3"}  # a higher priority is never the one pushed out
