@@ -10,6 +10,7 @@ as such.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,17 +79,31 @@ def run_policies(specs: Sequence[PolicySpec], cost_model: CostModel, num_gpus: i
     return [PolicyResult(spec, simulate(spec, workload), simulate(spec, saturated)) for spec in specs]
 
 
-def compare(candidate: PolicyResult, baseline: PolicyResult) -> dict[str, float]:
-    """Ratios of ``candidate`` to ``baseline`` (below 1 is better for violations and latency)."""
+def compare(candidate: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+    """Ratios of one policy's figures (``PolicyResult.to_dict``, or their ``average``) to a
+    baseline's: below 1 is better for violations and latency, above 1 for throughput."""
     out: dict[str, float] = {}
-    if candidate.loaded is not None and baseline.loaded is not None:
-        c, b = candidate.loaded.metrics, baseline.loaded.metrics
-        out["slo_violation_x"] = _ratio(1 - c.slo_attainment, 1 - b.slo_attainment)
-        out["mean_latency_x"] = _ratio(c.latency.mean, b.latency.mean)
-        out["p95_latency_x"] = _ratio(c.latency.p95, b.latency.p95)
-    if candidate.saturated is not None and baseline.saturated is not None:
-        out["saturated_throughput_x"] = _ratio(candidate.saturated.metrics.throughput,
-                                               baseline.saturated.metrics.throughput)
+    if "slo_attainment" in candidate and "slo_attainment" in baseline:
+        out["slo_violation_x"] = _ratio(1 - candidate["slo_attainment"], 1 - baseline["slo_attainment"])
+        out["mean_latency_x"] = _ratio(candidate["mean_latency_s"], baseline["mean_latency_s"])
+        out["p95_latency_x"] = _ratio(candidate["p95_latency_s"], baseline["p95_latency_s"])
+    if "saturated_throughput" in candidate and "saturated_throughput" in baseline:
+        out["saturated_throughput_x"] = _ratio(candidate["saturated_throughput"], baseline["saturated_throughput"])
+    return out
+
+
+def average(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of several runs' figures, key by key (nested dicts too; NaN left out)."""
+    out: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs if key in run]
+        if isinstance(values[0], dict):
+            out[key] = average(values)
+        elif isinstance(values[0], (int, float)) and not isinstance(values[0], bool):
+            finite = [v for v in values if not math.isnan(v)]
+            out[key] = sum(finite) / len(finite) if finite else math.nan
+        else:
+            out[key] = values[0]
     return out
 
 

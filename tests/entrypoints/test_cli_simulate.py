@@ -51,3 +51,15 @@ def test_simulate_reports_bad_input():
     assert result.returncode == 2 and "no shipped profile" in result.stderr
     result = simulate("--policies", "nope", "--duration", "10", "--saturate", "0")
     assert result.returncode == 2 and "unknown policy" in result.stderr
+
+
+def test_simulate_averages_several_seeds(tmp_path):
+    out = tmp_path / "sim.json"
+    result = simulate("--duration", "120", "--saturate", "0", "--seeds", "3", "--policies", "static-4,elastic",
+                      "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "mean over seeds 0..2" in result.stdout
+    elastic = json.loads(out.read_text())["policies"]["elastic"]
+    assert len(elastic["per_seed"]) == 3
+    runs = [run["mean_latency_s"] for run in elastic["per_seed"]]
+    assert elastic["mean_latency_s"] == sum(runs) / 3 and len(set(runs)) > 1

@@ -5,7 +5,7 @@ import pytest
 from engine.messages import Stage
 from engine.scheduler.policies import make_policy
 from engine.scheduler.policy import Plan, Policy
-from engine.sim.experiment import PolicySpec, compare, run_policies, saturation_bound
+from engine.sim.experiment import PolicySpec, average, compare, run_policies, saturation_bound
 from engine.sim.simulator import SharedDevice, SimulationStalled, Simulator
 from engine.sim.workload import DEFAULT_CLASSES, Phase, RequestClass, WorkloadRequest, generate
 from tests.scheduling_helpers import h20
@@ -103,7 +103,7 @@ def test_elastic_meets_the_targets_against_static_degree_4():
     workload = generate(DEFAULT_CLASSES, cm, num_gpus=4, phases=[Phase(600, 1.1)], seed=0)
     specs = [PolicySpec.parse(s) for s in ("static-1", "static-2", "static-4", "elastic")]
     results = {r.spec.label: r for r in run_policies(specs, cm, 4, workload)}
-    ratios = compare(results["elastic"], results["static-4"])
+    ratios = compare(results["elastic"].to_dict(), results["static-4"].to_dict())
     assert ratios["slo_violation_x"] <= 0.1
     assert ratios["mean_latency_x"] <= 0.5
     best = results["elastic"].loaded.metrics.slo_attainment
@@ -118,7 +118,7 @@ def test_saturated_throughput_stays_under_what_the_profile_allows():
     workload = generate(small, cm, num_gpus=4, saturate=40, seed=0)
     specs = [PolicySpec.parse("static-4"), PolicySpec.parse("elastic")]
     results = run_policies(specs, cm, 4, [], workload)
-    gain = compare(results[1], results[0])["saturated_throughput_x"]
+    gain = compare(results[1].to_dict(), results[0].to_dict())["saturated_throughput_x"]
     assert 0.95 * bound <= gain <= bound * (1 + 1e-9)
 
 
@@ -130,8 +130,22 @@ def test_must_show_2_elastic_against_every_static_configuration_over_an_hour():
     specs = [PolicySpec.parse(s) for s in ("static-1", "static-2", "static-4", "edf", "elastic")]
     results = {r.spec.label: r for r in run_policies(specs, cm, 4, workload, saturated)}
     for name in ("edf", "elastic"):
-        ratios = compare(results[name], results["static-4"])
+        ratios = compare(results[name].to_dict(), results["static-4"].to_dict())
         assert ratios["slo_violation_x"] <= 0.1 and ratios["mean_latency_x"] <= 0.5
         assert ratios["saturated_throughput_x"] > 1.5
         assert all(results[name].loaded.metrics.slo_attainment > results[s].loaded.metrics.slo_attainment
                    for s in ("static-1", "static-2", "static-4"))
+
+
+def test_figures_average_over_seeds_and_compare_by_their_means():
+    runs = [{"slo_attainment": 0.9, "mean_latency_s": 10.0, "p95_latency_s": 30.0, "class_attainment": {"S": 1.0},
+             "label": "x"},
+            {"slo_attainment": 0.7, "mean_latency_s": 30.0, "p95_latency_s": float("nan"),
+             "class_attainment": {"S": 0.5}, "label": "x"}]
+    mean = average(runs)
+    assert mean == {"slo_attainment": pytest.approx(0.8), "mean_latency_s": 20.0, "p95_latency_s": 30.0,
+                    "class_attainment": {"S": 0.75}, "label": "x"}
+    base = {"slo_attainment": 0.0, "mean_latency_s": 200.0, "p95_latency_s": 60.0, "saturated_throughput": 1.0}
+    ratios = compare({**mean, "saturated_throughput": 2.5}, base)
+    assert ratios == pytest.approx({"slo_violation_x": 0.2, "mean_latency_x": 0.1, "p95_latency_x": 0.5,
+                                    "saturated_throughput_x": 2.5})
