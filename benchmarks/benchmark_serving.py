@@ -1,16 +1,19 @@
 """Replay a workload against a running gfdit server over HTTP; report throughput, latency and SLOs.
 
-The real-run comparison (2 CPU workers, small-pixart, 256/512 mix): one workload, one
-server per policy, then the simulator's prediction for the same workload.
+The real-run comparison (2 CPU workers, small-pixart, 256/512 mix): measure the machine,
+draw one workload, serve it once per policy, then set the simulator's prediction for the
+same workload and profile beside the real figures (labels must match the simulator's).
 
-    python benchmarks/workloads.py --profile cpu_small_pixart --num-gpus 2 \\
-        --classes S:256x256:0.5:3,L:512x512:0.5:3 --load 0.7 --duration 300 --seed 0 -o wl.jsonl
-    gfdit serve small-pixart --num-workers 2 --policy elastic --profile cpu_small_pixart --port 8000
+    gfdit profile small-pixart --num-workers 2 --worker-threads 1 -o cpu.json
+    python benchmarks/workloads.py --profile cpu.json --num-gpus 2 --steps 10 \
+        --classes S:256x256:0.5:1.5,L:512x512:0.5:3 --load 0.7 --duration 600 --seed 0 -o wl.jsonl
+    gfdit serve small-pixart --num-workers 2 --policy elastic --profile cpu.json --port 8000
     python benchmarks/benchmark_serving.py --workload wl.jsonl --label elastic --json real-elastic.json
-    # stop the server; again with --policy static --static-degree 1, then --static-degree 2
-    gfdit simulate --profile cpu_small_pixart --num-gpus 2 --workload wl.jsonl --saturate 0 \\
+    # stop the server; serve again with --policy static --static-degree 1 (--label static-1),
+    # then --static-degree 2 (--label static-2)
+    gfdit simulate --profile cpu.json --num-gpus 2 --workload wl.jsonl --saturate 0 \
         --policies static-1,static-2,elastic --json sim.json
-    python benchmarks/benchmark_serving.py --report real-elastic.json real-static-1.json \\
+    python benchmarks/benchmark_serving.py --report real-elastic.json real-static-1.json \
         real-static-2.json --simulated sim.json
 
 A warm-up request (the workload's first class) goes first and is not counted; then each

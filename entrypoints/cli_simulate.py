@@ -175,13 +175,17 @@ def _print_table(figures: dict[str, dict], labels: list[str]) -> None:
 
 
 def _print_comparison(label: str, baseline: str, c: dict, bound: float, paper: dict) -> None:
+    def x(key: str) -> str:
+        value = c.get(key, math.nan)
+        return "     -" if math.isnan(value) else f"{value:6.2f}x"
+
     print(f"\n{label} vs {baseline}          gfdit      target    GF-DiT paper (up to)")
-    print(f"  SLO violations            {c.get('slo_violation_x', math.nan):6.2f}x    <= 0.10x   "
+    print(f"  SLO violations            {x('slo_violation_x')}    <= 0.10x   "
           f"{1 + paper['slo_violation_change']:.2f}x ({paper['slo_violation_change']:+.0%})")
-    print(f"  mean latency              {c.get('mean_latency_x', math.nan):6.2f}x    <= 0.50x   "
+    print(f"  mean latency              {x('mean_latency_x')}    <= 0.50x   "
           f"{1 + paper['mean_latency_change']:.2f}x ({paper['mean_latency_change']:+.0%})")
-    print(f"  saturated throughput      {c.get('saturated_throughput_x', math.nan):6.2f}x    >= 3.00x   "
-          f"{paper['throughput_x']:.2f}x   (the most this profile and mix allow: {bound:.2f}x)")
+    most = "" if math.isnan(bound) else f"   (the most this profile and mix allow: {bound:.2f}x)"
+    print(f"  saturated throughput      {x('saturated_throughput_x')}    >= 3.00x   {paper['throughput_x']:.2f}x{most}")
     print(f"  best SLO attainment vs every static: {'yes' if c['best_slo_attainment_vs_static'] else 'no'}")
 
 

@@ -59,7 +59,7 @@ class RequestClass:
             raise ValueError(f"request class {text!r}: expected NAME:WxH[:WEIGHT[:ALPHA[:STEPS]]]") from None
 
 
-# The mix: small, medium and large images, the small ones with the tightest SLO.
+# Small, medium and large images; the small ones have the tightest SLO.
 DEFAULT_CLASSES = (RequestClass("S", 512, 512, 0.5, 1.5), RequestClass("M", 1024, 1024, 0.3, 2.0),
                    RequestClass("L", 1536, 1536, 0.2, 6.0))
 

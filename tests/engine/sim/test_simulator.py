@@ -123,7 +123,7 @@ def test_saturated_throughput_stays_under_what_the_profile_allows():
 
 
 @pytest.mark.slow
-def test_must_show_2_elastic_against_every_static_configuration_over_an_hour():
+def test_elastic_and_edf_against_every_static_configuration_over_an_hour():
     cm = h20()
     workload = generate(DEFAULT_CLASSES, cm, num_gpus=4, phases=[Phase(3600, 1.1)], seed=0)
     saturated = generate(DEFAULT_CLASSES, cm, num_gpus=4, saturate=200, seed=0)
