@@ -36,7 +36,9 @@ from engine.request import (
     ShapeKey,
     check_prompt,
 )
+from engine.scheduler.cost_model import CostModel
 from engine.scheduler.policies import make_policy
+from engine.scheduler.profile import shipped_profile_for
 from engine.scheduler.scheduler import RequestUpdate, Scheduler, UpdateKind
 from engine.stats import EngineObserver, RequestStats, TaskStats
 
@@ -59,6 +61,19 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def load_cost_model(profile: str | None, info: ModelInfo) -> CostModel | None:
+    """The profile asked for, else the shipped one measured on this model, else None."""
+    name = profile or shipped_profile_for(info.name)
+    if name is None:
+        return None
+    cost_model = CostModel.load(name)
+    if cost_model.size_multiple != info.size_multiple:
+        logger.warning("profile %s was measured with %d pixels per token side, model %s has %d",
+                       name, cost_model.size_multiple, info.name, info.size_multiple)
+    logger.info("cost model: profile %s (%s on %s)", name, cost_model.profile.model, cost_model.profile.device)
+    return cost_model
 
 
 def make_executor(config: EngineConfig) -> Executor:
@@ -118,7 +133,8 @@ class AsyncEngine:
         # Ulysses attention splits heads across the group, so a degree must divide them.
         degrees = tuple(d for d in range(1, workers + 1) if info.num_heads % d == 0)
         options = {"static_degree": sched.static_degree} if sched.policy == "static" else {}
-        return Scheduler(make_policy(sched.policy, **options), workers,
+        policy = make_policy(sched.policy, cost_model=load_cost_model(sched.profile, info), **options)
+        return Scheduler(policy, workers,
                          max_batch_size=sched.max_batch_size or default_max_batch_size(self.config.model.device),
                          steps_per_task=sched.steps_per_task, max_retries=sched.max_retries, degrees=degrees)
 

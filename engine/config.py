@@ -33,7 +33,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     policy: str = "fcfs"
-    """A built-in policy name or module:Class."""
+    """fcfs, srtf, static, edf, elastic, or module:Class."""
+    profile: str | None = None
+    """Cost-model profile for edf/elastic: a shipped name or a JSON from `gfdit profile`; None: the shipped one for the model, if any."""
     max_batch_size: int | None = None
     """Most images in one denoise (or decode) batch; None: 8 on CPU (larger batches fall out of its caches), 16 on GPU."""
     steps_per_task: int = 1

@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("entrypoints.cli_generate", "generate images for one prompt and save them"),
     "serve": ("entrypoints.cli_serve", "serve the OpenAI-compatible images API over HTTP"),
     "batch": ("entrypoints.cli_batch", "generate every line of a JSONL file (resumable)"),
+    "simulate": ("entrypoints.cli_simulate", "compare scheduling policies on a simulated cluster"),
+    "profile": ("entrypoints.cli_profile", "measure stage times on this machine and write a cost-model profile"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from engine.messages import Stage
@@ -140,11 +141,23 @@ def take_images(requests: list[Request], max_images: int) -> list[Request]:
     return taken
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FCFSPolicy, SRTFPolicy, StaticPolicy)}
+def _builtin() -> dict[str, type[Policy]]:
+    from engine.scheduler.edf import EDFPolicy
+    from engine.scheduler.elastic import ElasticPolicy
+
+    return {p.name: p for p in (FCFSPolicy, SRTFPolicy, StaticPolicy, EDFPolicy, ElasticPolicy)}
 
 
-def make_policy(spec: str, **options: Any) -> Policy:
-    """A built-in policy by name, or a user's own as ``package.module:ClassName``."""
+POLICIES: dict[str, type[Policy]] = _builtin()
+
+
+def make_policy(spec: str, cost_model: Any = None, **options: Any) -> Policy:
+    """A built-in policy by name, or a user's own as ``package.module:ClassName``.
+
+    ``cost_model`` (engine.scheduler.cost_model.CostModel) goes to policies whose
+    constructor takes a ``cost_model`` argument and is left out for the others, so the
+    engine and the simulator can offer it to any policy; other options pass as given.
+    """
     if ":" in spec:
         module_name, _, class_name = spec.partition(":")
         try:
@@ -159,4 +172,14 @@ def make_policy(spec: str, **options: Any) -> Policy:
         except KeyError:
             raise ValueError(f"unknown policy {spec!r}; choose one of {', '.join(POLICIES)} "
                              "or give module:Class") from None
-    return cls(**options)
+    if cost_model is not None and _accepts(cls, "cost_model"):
+        options["cost_model"] = cost_model
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ValueError(f"policy {spec!r}: {exc}") from None
+
+
+def _accepts(cls: type, name: str) -> bool:
+    parameters = inspect.signature(cls).parameters
+    return name in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())

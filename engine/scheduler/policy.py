@@ -41,6 +41,11 @@ class SchedulerView:
     last_stage: dict[int, Stage] = field(default_factory=dict)
     # Sequence-parallel degrees a denoise group may have (they divide the model's heads).
     degrees: tuple[int, ...] = (1,)
+    # Requests in a running task (not plannable now, but they still compete for the workers).
+    running: list[Request] = field(default_factory=list)
+    # Relative speed of each rank (1.0 nominal, 0.5 half speed; missing: 1.0), e.g. from
+    # telemetry when a foreign job shares the device. A group runs at its slowest member.
+    rank_speed: dict[int, float] = field(default_factory=dict)
 
     def waiting(self) -> list[Request]:
         """Requests not yet encoded (no state anywhere)."""
@@ -56,6 +61,9 @@ class SchedulerView:
 
     def load(self, rank: int) -> int:
         return self.resident_images.get(rank, 0)
+
+    def speed(self, group: tuple[int, ...]) -> float:
+        return min((self.rank_speed.get(rank, 1.0) for rank in group), default=1.0)
 
 
 def take_batch(candidates: Iterable[Request], shape: ShapeKey, max_images: int) -> list[Request]:

@@ -69,6 +69,8 @@ class Scheduler:
         self._running: dict[int, _RunningTask] = {}
         self._frees: list[tuple[int, list[str]]] = []
         self._task_ids = itertools.count()
+        # Relative speed per rank (1.0 nominal), set by whoever observes the devices.
+        self.rank_speed: dict[int, float] = {}
 
     # ----- requests in -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -95,13 +97,16 @@ class Scheduler:
         out = SchedulerOutput()
         free = self.free_workers
         if free:
-            idle = [r for r in self.requests.values() if not r.in_flight and not r.status.is_finished]
+            idle, running = [], []
+            for r in self.requests.values():
+                if not r.status.is_finished:
+                    (running if r.in_flight else idle).append(r)
             idle.sort(key=lambda r: r.arrival_time)
             view = SchedulerView(
                 now=now, free_workers=free, num_workers=self.num_workers,
                 max_batch_size=self.max_batch_size, steps_per_task=self.steps_per_task,
                 requests=idle, resident_images=self._resident_images(), last_stage=dict(self.last_stage),
-                degrees=self.degrees)
+                degrees=self.degrees, running=running, rank_speed=dict(self.rank_speed))
             out.tasks = [self._start(plan, now) for plan in self.policy.plan(view)]
         out.frees, self._frees = self._frees, []
         return out

@@ -1,0 +1,1 @@
+"""The discrete-event simulator behind ``gfdit simulate``: real scheduler, modelled workers."""
