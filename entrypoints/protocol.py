@@ -46,6 +46,10 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields
     num_inference_steps: Annotated[int, Meta(ge=1)] | None = None
     guidance_scale: Annotated[float, Meta(ge=0, le=100)] | None = None
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
+    # Scheduling hints: higher priority is served first; the images are wanted within
+    # deadline_s seconds of arrival (deadline-aware policies use it; others ignore it).
+    priority: Annotated[int, Meta(ge=-1000, le=1000)] | None = None
+    deadline_s: Annotated[float, Meta(gt=0, le=86400)] | None = None
 
 
 class ImageObject(msgspec.Struct, omit_defaults=True):

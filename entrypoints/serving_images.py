@@ -148,7 +148,8 @@ class ImageGenerations:
                 num_inference_steps=steps, guidance_scale=req.guidance_scale, seed=req.seed,
                 output_format=req.output_format or "png", output_compression=req.output_compression,
                 # Partial images only make sense in a stream; don't pay for previews otherwise.
-                partial_images=(req.partial_images or 0) if stream else 0))
+                partial_images=(req.partial_images or 0) if stream else 0,
+                priority=req.priority or 0, deadline_s=req.deadline_s))
         except InvalidParamsError as exc:
             raise APIError(400, str(exc), param=_API_PARAM.get(exc.param or "", exc.param),
                            code="invalid_value") from None

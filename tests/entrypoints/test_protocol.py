@@ -23,6 +23,8 @@ def test_a_minimal_request_leaves_every_default_to_the_server():
     assert req.prompt == "a fox" and req.n is None and req.size is None and req.quality is None
     req = decode_generation_request(b'{"prompt": "a fox", "n": null, "seed": 7, "guidance_scale": 3}')
     assert req.n is None and req.seed == 7 and req.guidance_scale == 3.0
+    req = decode_generation_request(b'{"prompt": "a fox", "priority": 2, "deadline_s": 1.5}')
+    assert req.priority == 2 and req.deadline_s == 1.5
 
 
 @pytest.mark.parametrize("body, param, code", [
@@ -33,6 +35,8 @@ def test_a_minimal_request_leaves_every_default_to_the_server():
     (b'{"prompt": "a", "partial_images": 4}', "partial_images", "invalid_value"),
     (b'{"prompt": "a", "quality": "best"}', "quality", "invalid_value"),
     (b'{"prompt": "a", "seed": -1}', "seed", "invalid_value"),
+    (b'{"prompt": "a", "deadline_s": 0}', "deadline_s", "invalid_value"),
+    (b'{"prompt": "a", "priority": 1.5}', "priority", "invalid_value"),
     (b'[]', None, "invalid_value"),
     (b'{"prompt": ', None, "invalid_json"),
 ])
