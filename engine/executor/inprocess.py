@@ -8,6 +8,7 @@ import concurrent.futures
 from engine.executor.base import Executor, FailureCallback, RestartCallback, ResultCallback
 from engine.executor.worker import Worker
 from engine.messages import ModelInfo, Task, TaskResult
+from engine.models.attention import resolve_attention_backend
 from engine.models.loader import load_adapter
 
 
@@ -26,7 +27,8 @@ class InProcessExecutor(Executor):
         model = self.config.model
         adapter = await self._loop.run_in_executor(
             self._thread, load_adapter, model.model, model.device, model.dtype)
-        self._worker = Worker(0, adapter)
+        backend = resolve_attention_backend(model.attention_backend, adapter.device)
+        self._worker = Worker(0, adapter, attention_backend=backend)
         return adapter.info()
 
     def submit(self, task: Task) -> None:

@@ -3,6 +3,12 @@
 The same class serves the in-process executor (called from a thread) and each worker
 process of the multi-process executor. A task that raises fails only the requests in it,
 whose state is dropped; the worker stays usable.
+
+A task runs on an ordered group of workers. Migrations come first (state moves peer to
+peer). Then every member encodes (identical states everywhere), or denoises with Ulysses
+attention over the group (every member ends with the full latents), or, for decode, the
+leader ``group[0]`` decodes while the others drop their copies. Only the leader reports
+items; a member that only sent state answers with an empty result.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import traceback
 import numpy as np
 import torch
 
+from engine.distributed.group_free import Collectives
+from engine.distributed.ulysses import SequenceParallel, install
+from engine.executor.migration import run_migrations
 from engine.image_codec import encode_image
 from engine.messages import ItemResult, Stage, Task, TaskResult
 from engine.models.base import DiTAdapter, RequestState
@@ -28,22 +37,39 @@ def preview_steps(num_steps: int, partial_images: int) -> set[int]:
 
 
 class Worker:
-    def __init__(self, rank: int, adapter: DiTAdapter) -> None:
+    def __init__(self, rank: int, adapter: DiTAdapter, comm: Collectives | None = None,
+                 attention_backend: str = "sdpa") -> None:
         self.rank = rank
         self.adapter = adapter
         self.states: dict[str, RequestState] = {}
+        self.sp = SequenceParallel(comm, attention_backend)
+        install(adapter.transformer, adapter.family, self.sp)
+
+    def set_collectives(self, comm: Collectives | None) -> None:
+        """Join (or, with None, leave) the world's group-free collectives."""
+        self.sp.comm = comm
 
     def execute(self, task: Task) -> TaskResult:
         start = time.perf_counter()
         if self.adapter.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.adapter.device)
         try:
-            if task.stage == Stage.ENCODE:
+            run_migrations(task, self.rank, self.states, self.adapter, self.sp.comm)
+            lead = task.group[0] == self.rank
+            if self.rank not in task.group:
+                items = []
+            elif task.stage == Stage.ENCODE:
                 items = self._encode(task)
             elif task.stage == Stage.DENOISE:
-                items = self._denoise(task)
-            else:
+                with self.sp.running(task.group):
+                    items = self._denoise(task, lead)
+            elif lead:
                 items = self._decode(task)
+            else:
+                self.free(task.request_ids)
+                items = []
+            if not lead:
+                items = []
         except Exception as exc:  # noqa: BLE001 - a failing task must not take the worker down
             logger.error("rank %d: task %d (%s) failed:\n%s", self.rank, task.task_id, task.stage.name,
                          traceback.format_exc())
@@ -75,7 +101,7 @@ class Worker:
             self.states[new.request_id] = self.adapter.prepare(new.request_id, new.params, cond, uncond)
         return [ItemResult(r.request_id, 0) for r in news]
 
-    def _denoise(self, task: Task) -> list[ItemResult]:
+    def _denoise(self, task: Task, lead: bool) -> list[ItemResult]:
         states, items = self._states(task)
         previews: dict[str, list] = {}
         for _ in range(task.num_steps):
@@ -84,7 +110,7 @@ class Worker:
                 break
             self.adapter.denoise(active)
             for s in active:
-                if s.params.partial_images and s.step in preview_steps(s.num_steps, s.params.partial_images):
+                if lead and s.params.partial_images and s.step in preview_steps(s.num_steps, s.params.partial_images):
                     pixels = self.adapter.preview(s)
                     previews.setdefault(s.request_id, []).extend(self._encode_pixels(p, s) for p in pixels)
         items.extend(ItemResult(s.request_id, s.step, previews=previews.get(s.request_id, [])) for s in states)
