@@ -27,7 +27,7 @@ from engine.config import add_engine_args, engine_options_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__
+    parser.description = __doc__.replace("``", "")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("input", help="JSONL file, one request per line ('-' for stdin)")
     parser.add_argument("--output-dir", "-o", required=True, help="where the images and manifest.jsonl go")

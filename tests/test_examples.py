@@ -95,3 +95,11 @@ def test_curl_example(server, tmp_path):
     assert image(tmp_path / "curl_fox.png").size == (256, 256)
     assert result.stdout.splitlines()[-2:] == ["event: image_generation.partial_image",
                                                 "event: image_generation.completed"]
+
+
+def test_async_engine_example(tmp_path):
+    result = run_example(sys.executable, str(ROOT / "examples/offline/async_engine.py"), "--out-dir", str(tmp_path),
+                         "--steps", "2", "--model", "tiny-flux")
+    assert {p.name for p in tmp_path.iterdir()} == {"async_1.png", "async_2.png", "async_3.png"}
+    assert image(tmp_path / "async_3.png").size == (256, 256)
+    assert "'a very slow one': aborted; unfinished requests: 0" in result.stdout
