@@ -75,8 +75,7 @@ async def run_batch(lines: Iterable[str], output_dir: Path, *, engine: AsyncEngi
 
     Uses ``engine`` if given, else starts one from ``engine_options`` only when some line
     needs it (re-running a finished batch loads no model) and stops it at the end.
-    ``progress`` is a tqdm-like bar (``total``, ``refresh``, ``update``, ``set_postfix_str``)
-    counting images.
+    ``progress`` is a tqdm-like bar (``reset``, ``update``, ``set_postfix_str``) counting images.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(output_dir)
@@ -91,9 +90,8 @@ async def run_batch(lines: Iterable[str], output_dir: Path, *, engine: AsyncEngi
             engine = owned = await AsyncEngine.create(**(engine_options or {}))
         started = time.monotonic()
         pending = _validated(engine, todo, manifest, stats)
-        if progress is not None:
-            progress.total = sum(job.params.n for job in pending)  # type: ignore[union-attr]
-            progress.refresh()
+        if progress is not None:  # reset also restarts its clock: rates leave model loading out
+            progress.reset(total=sum(job.params.n for job in pending))  # type: ignore[union-attr]
         try:
             await _Runner(engine, manifest, stats, progress).run_all(
                 pending, max_in_flight or default_max_in_flight(engine))

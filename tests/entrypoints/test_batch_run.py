@@ -40,7 +40,8 @@ class Progress:
     def __init__(self) -> None:
         self.total, self.n, self.postfix = None, 0, ""
 
-    def refresh(self) -> None: ...
+    def reset(self, total: int) -> None:
+        self.total, self.n = total, 0
 
     def update(self, k: int) -> None:
         self.n += k
