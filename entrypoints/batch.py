@@ -14,13 +14,18 @@ environment (the disk, the engine's workers gone for good) can stop a run.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
 from engine.outputs import RequestAbortedError, RequestFailedError
 from engine.request import InvalidParamsError, check_prompt
 from entrypoints.batch_input import Job, default_seed, open_input, parse_line, read_jobs
@@ -77,19 +82,21 @@ async def run_batch(lines: Iterable[str], output_dir: Path, *, engine: AsyncEngi
     needs it (re-running a finished batch loads no model) and stops it at the end.
     ``progress`` is a tqdm-like bar (``reset``, ``update``, ``set_postfix_str``) counting images.
     """
+    config = engine.config if engine is not None else EngineConfig.create(**(engine_options or {}))
+    engine_key = _engine_key(config)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(output_dir)
     owned: AsyncEngine | None = None
     stats = BatchStats()
     try:
         remove_temporaries(output_dir)
-        todo = _todo(lines, manifest, stats)
+        todo = _todo(lines, manifest, stats, engine_key)
         if not todo:
             return stats
         if engine is None:
-            engine = owned = await AsyncEngine.create(**(engine_options or {}))
+            engine = owned = await AsyncEngine.create(config)
         started = time.monotonic()
-        pending = _validated(engine, todo, manifest, stats)
+        pending = _validated(engine, todo, manifest, stats, engine_key)
         if progress is not None:  # reset also restarts its clock: rates leave model loading out
             progress.reset(total=sum(job.params.n for job in pending))  # type: ignore[union-attr]
         try:
@@ -106,11 +113,17 @@ async def run_batch(lines: Iterable[str], output_dir: Path, *, engine: AsyncEngi
     return stats
 
 
-def _todo(lines: Iterable[str], manifest: Manifest, stats: BatchStats) -> list[Job]:
+def _engine_key(config: EngineConfig) -> str:
+    """What decides whether a well-formed line is within bounds: the model and the limits."""
+    text = json.dumps([config.model.model, msgspec.to_builtins(config.limits)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _todo(lines: Iterable[str], manifest: Manifest, stats: BatchStats, engine_key: str) -> list[Job]:
     """Lines not complete in the manifest; unparsable ones are recorded, not returned."""
     todo = []
     for job in read_jobs(lines):
-        if manifest.complete(job):
+        if manifest.complete(job, engine_key):
             stats.skipped += 1
             stats.failed_before += manifest.rows[job.id]["status"] == BAD_INPUT
         elif job.error is not None:
@@ -120,7 +133,8 @@ def _todo(lines: Iterable[str], manifest: Manifest, stats: BatchStats) -> list[J
     return todo
 
 
-def _validated(engine: AsyncEngine, jobs: list[Job], manifest: Manifest, stats: BatchStats) -> list[Job]:
+def _validated(engine: AsyncEngine, jobs: list[Job], manifest: Manifest, stats: BatchStats,
+               engine_key: str) -> list[Job]:
     """Jobs with the model's defaults filled in; those out of the engine's bounds are recorded."""
     pending = []
     for job in jobs:
@@ -128,16 +142,18 @@ def _validated(engine: AsyncEngine, jobs: list[Job], manifest: Manifest, stats: 
             check_prompt(job.prompt, engine.config.limits)
             job.params = engine.resolve_params(job.params)
         except InvalidParamsError as exc:
-            job.error = f"{job.id}: {exc}"
-            _record_bad_input(job, manifest, stats)
+            job.error = f"line {job.line} ({job.id}): {exc}"
+            _record_bad_input(job, manifest, stats, engine_key)
             continue
         pending.append(job)
     return pending
 
 
-def _record_bad_input(job: Job, manifest: Manifest, stats: BatchStats) -> None:
-    manifest.write({"id": job.id, "status": BAD_INPUT, "files": [], "error": job.error,
-                    "input_hash": job.input_hash})
+def _record_bad_input(job: Job, manifest: Manifest, stats: BatchStats, engine_key: str | None = None) -> None:
+    row = {"id": job.id, "status": BAD_INPUT, "files": [], "error": job.error, "input_hash": job.input_hash}
+    if engine_key is not None:
+        row["engine_key"] = engine_key
+    manifest.write(row)
     stats.failed += 1
     stats.errors.append(job.error or "")
 
@@ -188,8 +204,8 @@ class _Runner:
             async for output in self.engine.generate(job.prompt, params):
                 final = output
         except InvalidParamsError as exc:  # checked up front already; kept for engines that check more
-            job.error = f"{job.id}: {exc}"
-            _record_bad_input(job, self.manifest, self.stats)
+            job.error = f"line {job.line} ({job.id}): {exc}"
+            _record_bad_input(job, self.manifest, self.stats, _engine_key(self.engine.config))
             self._advance(params.n)
             return
         except (RequestFailedError, RequestAbortedError) as exc:

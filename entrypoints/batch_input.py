@@ -37,6 +37,7 @@ class Job:
     params: ImageParams | None = None
     error: str | None = None  # set when the line itself is unusable
     input_hash: str = ""
+    line: int = 0
 
 
 def default_seed(job_id: str) -> int:
@@ -46,6 +47,12 @@ def default_seed(job_id: str) -> int:
 
 def parse_line(text: str, line_number: int) -> Job:
     """One input line -> a Job (with ``error`` set, naming the line, when it is unusable)."""
+    job = _parse(text, line_number)
+    job.line = line_number
+    return job
+
+
+def _parse(text: str, line_number: int) -> Job:
     fallback = f"line-{line_number}"
     where = f"line {line_number}"
     try:
@@ -113,7 +120,7 @@ def read_jobs(lines: Iterable[str]) -> Iterator[Job]:
         job = parse_line(text, number)
         if job.error is None and job.id in seen:
             job = Job(f"line-{number}", error=f"line {number}: duplicate id {job.id!r}",
-                      input_hash=job.input_hash)
+                      input_hash=job.input_hash, line=number)
         seen.add(job.id)
         yield job
 

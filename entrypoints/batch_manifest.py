@@ -7,8 +7,10 @@ replaced; a row cut short by a crash is ignored (and the next row starts on a ne
 leftover temporary files are removed when a run starts. The last row of an id wins.
 
 Row ``status``: ``ok`` (images written), ``bad_input`` (the line is unusable; skipped on
-re-runs until the line changes), ``failed`` (the engine could not make it; tried again on
-the next run). Only one run may write to a directory at a time (an advisory lock).
+re-runs until the line changes, or, when it broke the model's or the engine's bounds, the
+model or the limits change: ``engine_key``), ``failed`` (the engine could not make it;
+tried again on the next run). Only one run may write to a directory at a time (an
+advisory lock).
 """
 
 from __future__ import annotations
@@ -61,13 +63,14 @@ class Manifest:
         if text and not text.endswith("\n"):
             self._append("")  # so the next row does not extend the cut-off one
 
-    def complete(self, job: Job) -> bool:
-        """Whether this line needs no work: its images exist, or this same line was bad."""
+    def complete(self, job: Job, engine_key: str) -> bool:
+        """Whether this line needs no work: its images exist, or this same line was bad
+        (for the same model and limits, when those made it bad)."""
         row = self.rows.get(job.id)
         if row is None or row.get("input_hash") != job.input_hash:
             return False  # new, or the line was edited since
         if row.get("status") == BAD_INPUT:
-            return True
+            return row.get("engine_key") in (None, engine_key)
         return row.get("status") == OK and all((self.output_dir / name).is_file() for name in row["files"])
 
     def write(self, row: dict[str, Any]) -> None:

@@ -5,7 +5,8 @@ Each line is a JSON object: "prompt" and optionally "id", "negative_prompt", "si
 Images go to DIR/<id>_<k>.<format> (a line without an id is line-<N>); DIR/manifest.jsonl
 gets one row per line: id, status, files, seed, params, timings, error. Seeds default to
 a hash of the id. Running the same command again skips what is done, retries requests
-that failed, and redoes lines that were edited.
+that failed, and redoes lines that were edited (or were out of bounds, when the model or
+the --max-* limits changed).
 
 Exit status: 0 every line produced its images; 3 every line was handled but some are
 bad or failed (their manifest rows say why); 1 the run could not go on (disk, engine;

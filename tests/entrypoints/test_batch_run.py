@@ -62,14 +62,31 @@ def rows(out: Path) -> dict[str, dict]:
 async def test_engine_bounds_are_bad_lines_and_the_bar_knows_the_total(engine, tmp_path):
     lines = [line("long", "a fox " * 10), line("steps", steps=500), line("ok", n=2), line("ok2")]
     progress = Progress()
+    # The line's number and id are in the error, for finding it in a long file.
     stats = await run_batch(lines, tmp_path, engine=engine, progress=progress)
     got = rows(tmp_path)
-    assert got["long"]["status"] == "bad_input" and "longer than 40 characters" in got["long"]["error"]
+    assert got["long"]["status"] == "bad_input"
+    assert got["long"]["error"] == "line 1 (long): prompt is longer than 40 characters"
     assert got["steps"]["status"] == "bad_input" and "num_inference_steps" in got["steps"]["error"]
     assert got["ok"]["files"] == ["ok_0.png", "ok_1.png"] and got["ok2"]["status"] == "ok"
     assert (stats.done, stats.images, stats.failed, stats.exit_status) == (2, 3, 2, 3)
     assert progress.total == 3 and progress.n == 3 and progress.postfix == "2 failed"
     assert stats.elapsed_s > 0 and stats.images_per_s > 0
+    again = await run_batch(lines, tmp_path, engine=engine)
+    assert (again.done, again.skipped, again.failed_before) == (0, 4, 2)
+
+
+async def test_a_line_out_of_bounds_is_checked_again_when_the_limits_change(engine, tmp_path):
+    lines = [line("long", "a fox " * 10), line("many", n=11)]
+    await run_batch(lines, tmp_path, engine=engine)
+    assert {row["status"] for row in rows(tmp_path).values()} == {"bad_input"}
+    other = await AsyncEngine.create(model="tiny-flux", device="cpu", executor="inprocess", max_n=11)
+    try:
+        stats = await run_batch(lines, tmp_path, engine=other)
+    finally:
+        await other.shutdown()
+    assert (stats.done, stats.images, stats.skipped, stats.failed) == (2, 12, 0, 0)
+    assert len(rows(tmp_path)["many"]["files"]) == 11
 
 
 async def test_only_edited_lines_are_made_again(engine, tmp_path):
