@@ -43,7 +43,7 @@ class Manifest:
     def __init__(self, output_dir: Path) -> None:
         self.output_dir = output_dir
         self.path = output_dir / MANIFEST_NAME
-        self._file: TextIO = self.path.open("a+", encoding="utf-8")
+        self._file: TextIO = self.path.open("a+", encoding="utf-8", errors="replace")
         if fcntl is not None:
             try:
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -71,7 +71,9 @@ class Manifest:
             return False  # new, or the line was edited since
         if row.get("status") == BAD_INPUT:
             return row.get("engine_key") in (None, engine_key)
-        return row.get("status") == OK and all((self.output_dir / name).is_file() for name in row["files"])
+        files = row.get("files")
+        return (row.get("status") == OK and isinstance(files, list) and bool(files)
+                and all((self.output_dir / str(name)).is_file() for name in files))
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows[row["id"]] = row
