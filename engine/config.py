@@ -87,6 +87,12 @@ class EngineConfig:
 
 _SECTIONS = {"model": ModelConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
 _LIMIT_FIELDS = ("max_n", "max_size", "max_steps", "max_prompt_chars")
+_LIMIT_HELP = {
+    "max_n": "Most images one request may ask for.",
+    "max_size": "Largest width or height a request may ask for, in pixels.",
+    "max_steps": "Most denoising steps a request may ask for.",
+    "max_prompt_chars": "Longest prompt (and negative prompt) a request may give, in characters.",
+}
 
 
 def _option_owners() -> dict[str, str]:
@@ -109,7 +115,7 @@ def add_engine_args(parser: argparse.ArgumentParser, *, with_model: bool = True)
                                help=f"{_doc(cls, f.name)} (default: {default})")
     for name in _LIMIT_FIELDS:
         group.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
-                           help=f"request limit (default: {getattr(Limits(), name)})")
+                           help=f"{_LIMIT_HELP[name]} (default: {getattr(Limits(), name)})")
 
 
 def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:

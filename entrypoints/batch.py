@@ -1,14 +1,14 @@
 """Offline batch generation: JSONL in, images and a JSONL manifest out, resumable.
 
-Every input line is a JSON object: ``prompt`` and optionally ``id``, ``negative_prompt``,
-``size`` ("WxH" or N), ``steps``, ``guidance``, ``seed``, ``n``, ``output_format``. All
-lines go through one engine with at most ``max_in_flight`` requests at a time, so the
-engine batches them. Each finished request writes ``DIR/<id>_<k>.<fmt>`` atomically
-(temporary file, then rename) and then one manifest row; a row exists only for work that
-is complete, so a killed run resumes where it stopped: ids whose last row succeeded with
-every file present, or failed on its input, are skipped. A bad line is recorded with its
-error and skipped, never fatal. Seeds default to a hash of the id, so a re-run makes the
-same images.
+Every line (see ``batch_input``) is read and checked first, so bad lines are recorded
+before any model work and the progress bar knows the total. The rest go through one
+engine with at most ``max_in_flight`` requests in it at a time: enough that the scheduler
+always has same-shape requests at different steps to batch (and, with several workers,
+groups to form), few enough that memory stays bounded however long the file is. Each
+finished request writes ``DIR/<id>_<k>.<fmt>`` atomically and then its manifest row (see
+``batch_manifest``), so a killed or interrupted run resumes where it stopped. A bad line
+or a failed request is recorded with its error and skipped, never fatal; only the
+environment (the disk, the engine's workers gone for good) can stop a run.
 """
 
 from __future__ import annotations
@@ -16,230 +16,229 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import re
-import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+
+import msgspec
 
 from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
 from engine.outputs import RequestAbortedError, RequestFailedError
-from engine.request import MAX_SEED, ImageParams, InvalidParamsError
+from engine.request import InvalidParamsError, check_prompt
+from entrypoints.batch_input import Job, default_seed, open_input, parse_line, read_jobs
+from entrypoints.batch_manifest import (
+    BAD_INPUT,
+    FAILED,
+    OK,
+    Manifest,
+    remove_temporaries,
+    write_atomic,
+)
 
 EXIT_OK = 0
+EXIT_FATAL = 1  # the run could not go on (disk, engine); what finished is kept
+EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3  # every line was handled, but some failed (see their manifest rows)
-EXIT_INTERRUPTED = 130
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_FIELDS = {"id", "prompt", "negative_prompt", "size", "steps", "guidance", "seed", "n", "output_format"}
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM
 
-
-@dataclass
-class Job:
-    id: str
-    prompt: str = ""
-    params: ImageParams | None = None
-    error: str | None = None  # set when the line itself is bad
-    line_hash: str = ""  # identifies the line's content, to tell an edited line from a re-run
+__all__ = ["EXIT_FATAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_TERMINATED", "EXIT_USAGE",
+           "BatchStats", "default_max_in_flight", "default_seed", "open_input", "parse_line", "run_batch"]
 
 
 @dataclass
 class BatchStats:
-    done: int = 0
-    skipped: int = 0
-    failed: int = 0
-    failed_before: int = 0  # skipped because an earlier run recorded the same bad line
+    done: int = 0  # requests whose images were written in this run
     images: int = 0
+    skipped: int = 0  # already complete in the manifest
+    failed: int = 0  # bad lines and failed requests in this run
+    failed_before: int = 0  # skipped because an earlier run recorded the same bad line
+    elapsed_s: float = 0.0  # generating: from the engine being ready to the last row
     errors: list[str] = field(default_factory=list)
 
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
-def default_seed(job_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") & MAX_SEED
-
-
-def parse_line(text: str, line_number: int) -> Job:
-    """One input line -> a Job (with ``error`` set when the line is unusable)."""
-    fallback = f"line-{line_number}"
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return Job(fallback, error=f"line {line_number}: invalid JSON: {exc.msg}")
-    if not isinstance(data, dict):
-        return Job(fallback, error=f"line {line_number}: expected a JSON object")
-    job_id = data.get("id", fallback)
-    if not isinstance(job_id, str) or not _ID.match(job_id):
-        return Job(fallback, error=f"line {line_number}: id must be 1-128 letters, digits, '.', '_' or '-'")
-    unknown = sorted(set(data) - _FIELDS)
-    if unknown:
-        return Job(job_id, error=f"line {line_number}: unknown field(s): {', '.join(unknown)}")
-    prompt = data.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        return Job(job_id, error=f"line {line_number}: prompt must be a non-empty string")
-    try:
-        width = height = None
-        if "size" in data:
-            width, height = _parse_size(data["size"])
-        params = ImageParams(
-            negative_prompt=data.get("negative_prompt"), n=data.get("n", 1), width=width, height=height,
-            num_inference_steps=data.get("steps"), guidance_scale=data.get("guidance"),
-            seed=data.get("seed", default_seed(job_id)), output_format=data.get("output_format", "png"))
-    except (TypeError, ValueError) as exc:
-        return Job(job_id, error=f"line {line_number}: {exc}")
-    return Job(job_id, prompt, params)
+    @property
+    def exit_status(self) -> int:
+        return EXIT_SOME_FAILED if self.failed or self.failed_before else EXIT_OK
 
 
-def _parse_size(size: Any) -> tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
-        return size, size
-    if isinstance(size, str) and re.fullmatch(r"\d+x\d+", size):
-        width, height = size.split("x")
-        return int(width), int(height)
-    raise ValueError(f"size must be N or 'WxH', got {size!r}")
+def default_max_in_flight(engine: AsyncEngine) -> int:
+    """Two full batches per worker: one denoising while the next is being encoded."""
+    return max(16, 2 * engine.scheduler.max_batch_size * engine.executor.num_workers)
 
 
-def read_jobs(lines: Iterable[str]) -> Iterator[Job]:
-    seen: set[str] = set()
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        job = parse_line(text, number)
-        if job.id in seen and job.error is None:
-            job = Job(f"line-{number}", error=f"line {number}: duplicate id {job.id!r}")
-        seen.add(job.id)
-        job.line_hash = hashlib.sha256(text.strip().encode()).hexdigest()[:16]
-        yield job
-
-
-class Manifest:
-    """The append-only record of what exists: one JSON row per finished (or failed) id."""
-
-    def __init__(self, output_dir: Path) -> None:
-        self.path = output_dir / "manifest.jsonl"
-        self.rows: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            for text in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError:
-                    continue  # a row cut short by a crash: its id is simply redone
-                self.rows[row["id"]] = row
-        self._file: TextIO = self.path.open("a")
-
-    def complete(self, job: Job, output_dir: Path) -> bool:
-        """Whether this id needs no more work: its images exist, or this same line was bad."""
-        row = self.rows.get(job.id)
-        if row is None:
-            return False
-        if row.get("error"):
-            return row.get("input_hash") == job.line_hash
-        return all((output_dir / name).exists() for name in row["files"])
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.rows[row["id"]] = row
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-async def run_batch(engine: AsyncEngine, lines: Iterable[str], output_dir: Path, *, max_in_flight: int = 64,
+async def run_batch(lines: Iterable[str], output_dir: Path, *, engine: AsyncEngine | None = None,
+                    engine_options: dict[str, Any] | None = None, max_in_flight: int | None = None,
                     progress: Any = None) -> BatchStats:
-    """Generate every job not yet complete in ``output_dir``; returns what happened."""
+    """Generate every line not yet complete in ``output_dir``; returns what happened.
+
+    Uses ``engine`` if given, else starts one from ``engine_options`` only when some line
+    needs it (re-running a finished batch loads no model) and stops it at the end.
+    ``progress`` is a tqdm-like bar (``reset``, ``update``, ``set_postfix_str``) counting images.
+    """
+    config = engine.config if engine is not None else EngineConfig.create(**(engine_options or {}))
+    engine_key = _engine_key(config)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(output_dir)
+    owned: AsyncEngine | None = None
     stats = BatchStats()
-    window = asyncio.Semaphore(max_in_flight)
-
-    async def one(job: Job) -> None:
-        try:
-            await _generate(engine, job, output_dir, manifest, stats, progress)
-        finally:
-            window.release()
-
-    tasks: set[asyncio.Task[None]] = set()
     try:
-        for job in read_jobs(lines):
-            if manifest.complete(job, output_dir):
-                stats.skipped += 1
-                if manifest.rows[job.id].get("error"):
-                    stats.failed_before += 1
-                continue
-            if job.error is not None:
-                manifest.write({"id": job.id, "files": [], "error": job.error, "input_hash": job.line_hash})
-                stats.failed += 1
-                stats.errors.append(job.error)
-                continue
-            try:
-                job.params = engine.resolve_params(job.params)
-            except InvalidParamsError as exc:
-                error = f"{job.id}: {exc}"
-                manifest.write({"id": job.id, "files": [], "error": error, "input_hash": job.line_hash})
-                stats.failed += 1
-                stats.errors.append(error)
-                continue
-            if progress is not None:
-                progress.total = (progress.total or 0) + job.params.n
-                progress.refresh()
-            await window.acquire()
-            task = asyncio.create_task(one(job))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
+        remove_temporaries(output_dir)
+        todo = _todo(lines, manifest, stats, engine_key)
+        if not todo:
+            return stats
+        if engine is None:
+            engine = owned = await AsyncEngine.create(config)
+        started = time.monotonic()
+        pending = _validated(engine, todo, manifest, stats, engine_key)
+        if progress is not None:  # reset also restarts its clock: rates leave model loading out
+            progress.reset(total=sum(job.params.n for job in pending))  # type: ignore[union-attr]
+        try:
+            await _Runner(engine, manifest, stats, progress).run_all(
+                pending, max_in_flight or default_max_in_flight(engine))
+        finally:
+            stats.elapsed_s = time.monotonic() - started
     finally:
-        for task in tasks:
-            task.cancel()  # an interrupted run aborts what is in flight; nothing half-written stays
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        manifest.close()
+        try:
+            if owned is not None:
+                await owned.shutdown()
+        finally:
+            manifest.close()
     return stats
 
 
-async def _generate(engine: AsyncEngine, job: Job, output_dir: Path, manifest: Manifest, stats: BatchStats,
-                    progress: Any) -> None:
-    params = job.params
-    assert params is not None
-    started = time.monotonic()
-    try:
+def _engine_key(config: EngineConfig) -> str:
+    """What decides whether a well-formed line is within bounds: the model and the limits."""
+    text = json.dumps([config.model.model, msgspec.to_builtins(config.limits)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _todo(lines: Iterable[str], manifest: Manifest, stats: BatchStats, engine_key: str) -> list[Job]:
+    """Lines not complete in the manifest; unparsable ones are recorded, not returned."""
+    todo = []
+    for job in read_jobs(lines):
+        if manifest.complete(job, engine_key):
+            stats.skipped += 1
+            stats.failed_before += manifest.rows[job.id]["status"] == BAD_INPUT
+        elif job.error is not None:
+            _record_bad_input(job, manifest, stats)
+        else:
+            todo.append(job)
+    return todo
+
+
+def _validated(engine: AsyncEngine, jobs: list[Job], manifest: Manifest, stats: BatchStats,
+               engine_key: str) -> list[Job]:
+    """Jobs with the model's defaults filled in; those out of the engine's bounds are recorded."""
+    pending = []
+    for job in jobs:
+        try:
+            check_prompt(job.prompt, engine.config.limits)
+            job.params = engine.resolve_params(job.params)
+        except InvalidParamsError as exc:
+            job.error = f"line {job.line} ({job.id}): {exc}"
+            _record_bad_input(job, manifest, stats, engine_key)
+            continue
+        pending.append(job)
+    return pending
+
+
+def _record_bad_input(job: Job, manifest: Manifest, stats: BatchStats, engine_key: str | None = None) -> None:
+    row = {"id": job.id, "status": BAD_INPUT, "files": [], "error": job.error, "input_hash": job.input_hash}
+    if engine_key is not None:
+        row["engine_key"] = engine_key
+    manifest.write(row)
+    stats.failed += 1
+    stats.errors.append(job.error or "")
+
+
+class _Runner:
+    """Keeps up to ``max_in_flight`` jobs in the engine; writes each one's files, then its row."""
+
+    def __init__(self, engine: AsyncEngine, manifest: Manifest, stats: BatchStats, progress: Any) -> None:
+        self.engine = engine
+        self.manifest = manifest
+        self.stats = stats
+        self.progress = progress
+
+    async def run_all(self, jobs: list[Job], max_in_flight: int) -> None:
+        window = asyncio.Semaphore(max_in_flight)
+        tasks: set[asyncio.Task[None]] = set()
+        failure: list[BaseException] = []
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            window.release()
+            if not task.cancelled() and task.exception() is not None:
+                failure.append(task.exception())  # type: ignore[arg-type]
+
+        try:
+            for job in jobs:
+                await window.acquire()
+                if failure:
+                    break
+                task = asyncio.create_task(self.one(job))
+                tasks.add(task)
+                task.add_done_callback(finished)
+            while tasks and not failure:
+                await asyncio.wait(set(tasks), return_when=asyncio.FIRST_EXCEPTION)
+            if failure:
+                raise failure[0]
+        finally:
+            for task in tasks:
+                task.cancel()  # an interrupted run aborts what is in flight; nothing half-written stays
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def one(self, job: Job) -> None:
+        params = job.params
+        assert params is not None
         final = None
-        async for output in engine.generate(job.prompt, params):
-            final = output
-    except (RequestFailedError, RequestAbortedError) as exc:
-        manifest.write({"id": job.id, "files": [], "seed": params.seed, "error": str(exc)})
-        stats.failed += 1
-        stats.errors.append(f"{job.id}: {exc}")
-        return
-    assert final is not None
-    files = []
-    for k, image in enumerate(final.images):
-        name = f"{job.id}_{k}.{image.format}"
-        await asyncio.to_thread(_write_atomic, output_dir / name, image.data)
-        files.append(name)
-    metrics = final.metrics
-    manifest.write({
-        "id": job.id, "files": files, "seed": params.seed, "prompt": job.prompt,
-        "params": {"width": params.width, "height": params.height, "steps": params.num_inference_steps,
-                   "guidance": params.guidance_scale, "n": params.n, "negative_prompt": params.negative_prompt,
-                   "output_format": params.output_format},
-        "timings": {"queue_s": metrics.queue_time if metrics else None,
-                    "latency_s": metrics.latency if metrics else time.monotonic() - started},
-        "error": None,
-    })
-    stats.done += 1
-    stats.images += len(files)
-    if progress is not None:
-        progress.update(len(files))
+        try:
+            async for output in self.engine.generate(job.prompt, params):
+                final = output
+        except InvalidParamsError as exc:  # checked up front already; kept for engines that check more
+            job.error = f"line {job.line} ({job.id}): {exc}"
+            _record_bad_input(job, self.manifest, self.stats, _engine_key(self.engine.config))
+            self._advance(params.n)
+            return
+        except (RequestFailedError, RequestAbortedError) as exc:
+            self.manifest.write({"id": job.id, "status": FAILED, "files": [], "seed": params.seed,
+                                 "error": str(exc), "input_hash": job.input_hash})
+            self.stats.failed += 1
+            self.stats.errors.append(f"{job.id}: {exc}")
+            self._advance(params.n)
+            return
+        assert final is not None and final.finished
+        files = [f"{job.id}_{k}.{image.format}" for k, image in enumerate(final.images)]
+        await asyncio.to_thread(_write_all, self.manifest.output_dir, files, [i.data for i in final.images])
+        metrics = final.metrics
+        self.manifest.write({
+            "id": job.id, "status": OK, "files": files, "seed": params.seed, "prompt": job.prompt,
+            "params": {"width": params.width, "height": params.height, "steps": params.num_inference_steps,
+                       "guidance": params.guidance_scale, "n": params.n, "negative_prompt": params.negative_prompt,
+                       "output_format": params.output_format},
+            "timings": {"queue_s": metrics.queue_time if metrics else None,
+                        "latency_s": metrics.latency if metrics else None},
+            "error": None, "input_hash": job.input_hash,
+        })
+        self.stats.done += 1
+        self.stats.images += len(files)
+        self._advance(len(files))
+
+    def _advance(self, images: int) -> None:
+        if self.progress is not None:
+            if self.stats.failed:
+                self.progress.set_postfix_str(f"{self.stats.failed} failed", refresh=False)
+            self.progress.update(images)
 
 
-def open_input(path: str) -> TextIO:
-    return sys.stdin if path == "-" else open(path)  # noqa: SIM115 - closed by the caller
+def _write_all(output_dir: Path, names: list[str], blobs: list[bytes]) -> None:
+    for name, data in zip(names, blobs):
+        write_atomic(output_dir / name, data)

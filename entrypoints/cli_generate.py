@@ -11,14 +11,15 @@ from engine.config import add_engine_args, engine_options_from_args
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from entrypoints.cli import parse_size
 
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", help="what the image should show")
     parser.add_argument("-o", "--output", default="image.png", help="file to write (.png, .jpg, .webp)")
     parser.add_argument("--size", type=parse_size, default=None, help="N or WxH (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and printed)")
-    parser.add_argument("-n", type=int, default=1, help="images to generate")
-    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("-n", type=int, default=1, help="images to generate (default: 1)")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="what the image should not show (ignored by FLUX, as its pipeline does)")
     add_engine_args(parser)
 
 

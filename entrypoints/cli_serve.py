@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help=f"a preset, a diffusers folder or a hub id (default: {DEFAULT_MODEL})")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
     parser.add_argument("--api-key", default=os.environ.get("GFDIT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $GFDIT_API_KEY)")
     parser.add_argument("--served-model-name", nargs="+", default=None,

@@ -22,3 +22,19 @@ def test_gfdit_generate_reports_bad_input(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "width must be a multiple of 16" in result.stderr
+
+
+def test_every_flag_of_every_command_has_a_help_text():
+    import argparse
+
+    from entrypoints.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(COMMANDS)
+    missing = [f"{name} {action.option_strings or action.dest}"
+               for name, p in [("gfdit", parser), *subparsers.choices.items()]
+               for action in p._actions
+               if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
+               and not (action.help or "").strip()]
+    assert not missing, f"flags without a help text: {missing}"

@@ -47,3 +47,11 @@ def test_a_bad_request_fails_before_anything_runs(dit):
 def test_unknown_engine_option_is_named():
     with pytest.raises(TypeError, match="max_bach_size"):
         DiT(model="tiny-sd3", max_bach_size=3)
+
+
+def test_use_tqdm_shows_a_bar_counting_images(dit, capsys):
+    dit.generate(["a fox", "a cat"], ImageParams(n=2, num_inference_steps=1, width=64, height=64))
+    err = capsys.readouterr().err
+    assert "images: 100%" in err and "4/4" in err
+    dit.generate("a fox", ImageParams(num_inference_steps=1, width=64, height=64), use_tqdm=False)
+    assert "images" not in capsys.readouterr().err
