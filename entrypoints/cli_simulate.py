@@ -38,10 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests at t=0 for the saturated-throughput run (0: skip it)")
     parser.add_argument("--workload", default=None, help="a JSONL workload (benchmarks/workloads.py writes one)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the profile's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the workload (default: 0)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="workloads to draw (seeds SEED, SEED+1, ...); the figures are their mean")
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=16, help="most images in one simulated batch (default: 16)")
     parser.add_argument("--migration-ms", type=float, default=None,
                         help="flat cost per state migration (default: the profile's model)")
     parser.add_argument("--jitter", type=float, default=0.0,
