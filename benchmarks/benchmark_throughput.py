@@ -87,7 +87,7 @@ def main() -> None:
     with DiT(model=args.model, device=args.device, max_batch_size=args.max_batch_size) as dit:
         runners = {"engine": engine_runner(dit), "baseline": baseline_runner(args.model, args.device)}
         best = {}
-        for name, run in runners.items():
+        for run in runners.values():
             run(requests[:1])  # warm-up
         for _ in range(args.repeats):
             for name, run in runners.items():
