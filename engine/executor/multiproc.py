@@ -42,7 +42,7 @@ from engine.executor.protocol import (
     WorkerSpec,
     encoder,
 )
-from engine.executor.shm_queue import DEFAULT_CAPACITY, FrameBuffer
+from engine.executor.shm_queue import DEFAULT_CAPACITY
 from engine.executor.worker_handle import WorkerHandle, WorkerStartError
 from engine.messages import FreeRequests, ModelInfo, Task, TaskResult
 
@@ -105,7 +105,6 @@ class MultiprocExecutor(Executor):
         self._multi_inflight: set[int] = set()
         self._held: list[Task] = []
         self._world = _World()
-        self._frames = FrameBuffer(encoder.encode_into)
         self._closing = False
         self._fatal: str | None = None
 
@@ -195,11 +194,11 @@ class MultiprocExecutor(Executor):
             self._broadcast(FreeRequests(request_ids), [rank])
 
     def _broadcast(self, message: msgspec.Struct, ranks: list[int]) -> None:
-        with self._frames.frame(message) as frame:
-            for rank in ranks:
-                handle = self._handles[rank]
-                if handle is not None:
-                    handle.send(frame)
+        payload = encoder.encode(message)
+        for rank in ranks:
+            handle = self._handles[rank]
+            if handle is not None:
+                handle.send(payload)
 
     def _is_up(self, rank: int) -> bool:
         handle = self._handles[rank]

@@ -144,56 +144,59 @@ def _consume(fd: int) -> bool:
         return False
 
 
-class FrameBuffer:
-    """Encodes messages into frames in one reusable buffer (no per-message allocation)."""
-
-    def __init__(self, encode_into: Callable[[object, bytearray, int], None]) -> None:
-        self._encode_into = encode_into
-        self._buf = bytearray(4096)
-
-    def frame(self, message: object) -> memoryview:
-        """The frame of ``message``; valid until the next call."""
-        buf = self._buf
-        self._encode_into(message, buf, 8)  # msgspec resizes buf to end at the payload
-        n = len(buf) - 8
-        _U64.pack_into(buf, 0, n)
-        padded = 8 + _align8(n)
-        buf.extend(bytes(padded - len(buf)))
-        return memoryview(buf)[:padded]
+def frame_size(payload_len: int) -> int:
+    """Bytes a payload takes in the ring: length field, payload, padding."""
+    return 8 + _align8(payload_len)
 
 
 class RingWriter:
-    """The producing side. ``write_some`` never blocks; ``write`` waits for room."""
+    """The producing side. ``write_some`` never blocks; ``write`` waits for room.
+
+    It takes a payload (an encoded message) and writes its frame: the length field, the
+    payload, then skips the padding, so no frame is ever assembled in memory.
+    """
 
     def __init__(self, ring: ShmRing) -> None:
         self.ring = ring
         self._head = ring._load(_HEAD)
 
-    def write_some(self, frame: memoryview, offset: int = 0) -> int:
-        """Copy as much of ``frame[offset:]`` as fits, publish it; returns the new offset."""
+    def write_some(self, payload: bytes | memoryview, offset: int = 0) -> int:
+        """Publish as much of the payload's frame as fits, from byte ``offset`` of the
+        frame; returns the new offset (the frame is done at ``frame_size(len(payload))``)."""
         ring = self.ring
         cap = ring.capacity
+        n = len(payload)
         free = cap - (self._head - ring._load(_TAIL))
-        size = min(free, len(frame) - offset)
+        size = min(free, frame_size(n) - offset)
         if size <= 0:
             return offset
-        start = self._head % cap
-        first = min(size, cap - start)
-        data = ring.view
-        data[_DATA + start:_DATA + start + first] = frame[offset:offset + first]
-        if first < size:
-            data[_DATA:_DATA + size - first] = frame[offset + first:offset + size]
+        end = offset + size
+        if offset == 0:  # free >= 8 here: every position and size is a multiple of 8
+            _U64.pack_into(ring.mem, _DATA + self._head % cap, n)
+        lo, hi = max(offset, 8) - 8, min(end, 8 + n) - 8
+        if lo < hi:
+            self._copy(self._head + (lo + 8 - offset), memoryview(payload)[lo:hi])
         self._head += size
         ring._store(_HEAD, self._head)
         _signal(ring.data_fd)
-        return offset + size
+        return end
 
-    def write(self, frame: memoryview) -> None:
+    def _copy(self, position: int, src: memoryview) -> None:
+        cap = self.ring.capacity
+        data = self.ring.view
+        start = position % cap
+        first = min(len(src), cap - start)
+        data[_DATA + start:_DATA + start + first] = src[:first]
+        if first < len(src):
+            data[_DATA:_DATA + len(src) - first] = src[first:]
+
+    def write(self, payload: bytes | memoryview) -> None:
         """Write a whole frame, blocking on the space eventfd while the ring is full."""
-        offset = self.write_some(frame)
-        while offset < len(frame):
+        total = frame_size(len(payload))
+        offset = self.write_some(payload)
+        while offset < total:
             os.eventfd_read(self.ring.space_fd)
-            offset = self.write_some(frame, offset)
+            offset = self.write_some(payload, offset)
 
 
 class RingReader:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import msgspec
 
 from engine.executor.protocol import FromWorker, WorkerSpec, encode_spec, from_worker_decoder
-from engine.executor.shm_queue import RingReader, RingWriter, ShmRing
+from engine.executor.shm_queue import RingReader, RingWriter, ShmRing, frame_size
 from engine.messages import ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class WorkerHandle:
         self.exited: asyncio.Future[int] = self._loop.create_future()
         self._on_message = on_message
         self._on_exit = on_exit
-        self._pending: collections.deque[bytes] = collections.deque()
+        self._pending: collections.deque[tuple[bytes, int]] = collections.deque()
         # engine -> worker: the worker blocks on data; the engine's loop watches space.
         self._cmd = ShmRing.create(spec.ring_capacity, nonblocking_space=True)
         # worker -> engine: the engine's loop watches data; the worker blocks on space.
@@ -98,26 +98,26 @@ class WorkerHandle:
     def alive(self) -> bool:
         return not self._ended
 
-    def send(self, frame: memoryview | bytes) -> None:
-        """Queue a frame for the worker without blocking."""
+    def send(self, payload: bytes) -> None:
+        """Queue an encoded message for the worker without blocking."""
         if self._ended:
             return
         if self._pending:
-            self._pending.append(bytes(frame))
+            self._pending.append((payload, 0))
             return
-        offset = self._writer.write_some(memoryview(frame))
-        if offset < len(frame):
-            self._pending.append(bytes(frame[offset:]))
+        offset = self._writer.write_some(payload)
+        if offset < frame_size(len(payload)):
+            self._pending.append((payload, offset))
             self._loop.add_reader(self._cmd.space_fd, self._flush)
 
     def _flush(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._cmd.space_fd)
         while self._pending:
-            chunk = self._pending[0]
-            offset = self._writer.write_some(memoryview(chunk))
-            if offset < len(chunk):
-                self._pending[0] = chunk[offset:]
+            payload, offset = self._pending[0]
+            offset = self._writer.write_some(payload, offset)
+            if offset < frame_size(len(payload)):
+                self._pending[0] = (payload, offset)
                 return
             self._pending.popleft()
         self._loop.remove_reader(self._cmd.space_fd)

@@ -32,7 +32,7 @@ from engine.executor.protocol import (
     encoder,
     to_worker_decoder,
 )
-from engine.executor.shm_queue import FrameBuffer, RingReader, RingWriter, ShmRing
+from engine.executor.shm_queue import RingReader, RingWriter, ShmRing
 
 logger = logging.getLogger("engine.executor.worker_main")
 
@@ -43,11 +43,9 @@ class Channel:
     def __init__(self, spec: WorkerSpec) -> None:
         self.reader = RingReader(ShmRing.attach(spec.cmd_fds, spec.ring_capacity))
         self.writer = RingWriter(ShmRing.attach(spec.out_fds, spec.ring_capacity))
-        self._frames = FrameBuffer(encoder.encode_into)
 
     def send(self, message: FromWorker) -> None:
-        with self._frames.frame(message) as frame:
-            self.writer.write(frame)
+        self.writer.write(encoder.encode(message))
 
     def receive(self) -> list:
         """Block until the engine has sent something; return every message so far."""
