@@ -13,3 +13,12 @@ def fail_seed_666(worker) -> None:
         return real_denoise(states)
 
     worker.adapter.denoise = denoise
+
+
+def fail_to_start_if_marked(worker) -> None:
+    """Fail the model load while the file named by GFDIT_TEST_FAIL_START_IF exists."""
+    import os
+
+    marker = os.environ.get("GFDIT_TEST_FAIL_START_IF")
+    if marker and os.path.exists(marker):
+        raise RuntimeError("simulated start failure")
