@@ -71,6 +71,8 @@ def load_worker(spec: WorkerSpec):
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    if spec.device.startswith("cuda"):
+        torch.cuda.set_device(spec.device)  # NCCL and stray allocations use this rank's GPU
     from engine.executor.worker import Worker
     from engine.models.loader import load_adapter
 
