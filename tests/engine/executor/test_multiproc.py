@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from engine import AsyncEngine, EngineConfig, ImageParams, RequestFailedError
+from engine import AsyncEngine, EngineConfig, ImageParams, RequestAbortedError, RequestFailedError
 from engine.executor.multiproc import MultiprocExecutor
-from engine.messages import Stage
+from engine.messages import Stage, Task
 from tests.engine.executor.faults import SEED_THAT_FAILS
 from tests.engine.executor.procs import is_alive, our_segments, worker_children
 from tests.helpers import STAGGERED, pipeline_reference, record_tasks, run_staggered
@@ -75,6 +75,29 @@ async def test_a_raising_task_fails_only_its_requests_and_the_worker_stays_up(en
     assert all(o.finished for o in await asyncio.gather(*good))
     assert engine.executor.worker_pids() == pids and engine.executor.healthy
     assert (await final(engine, "a cat", ImageParams(seed=5, num_inference_steps=2, width=64, height=64))).finished
+
+
+async def test_an_aborted_request_is_freed_in_its_worker_process(engine):
+    executor = engine.executor
+    located = {}
+    with pytest.raises(RequestAbortedError):
+        async for out in engine.generate("a fox", ImageParams(num_inference_steps=200, width=64, height=64),
+                                         request_id="victim"):
+            if out.step == 2:
+                located["rank"] = engine.scheduler.requests["victim"].location[0]
+                await engine.abort("victim")
+    while "victim" in engine.scheduler.requests or engine._dispatch_pending:
+        await asyncio.sleep(0.01)  # its running step came back and the free went out
+    # Ask the worker to step the aborted request: it must no longer hold its state.
+    answers: asyncio.Queue = asyncio.Queue()
+    deliver = executor._on_result
+    executor._on_result = answers.put_nowait
+    try:
+        executor.submit(Task(task_id=10**9, stage=Stage.DENOISE, request_ids=["victim"], group=(located["rank"],)))
+        result = await asyncio.wait_for(answers.get(), 30)
+    finally:
+        executor._on_result = deliver
+    assert result.task_id == 10**9 and result.items[0].error.startswith("no state for request victim")
 
 
 async def test_a_worker_killed_mid_step_is_replaced_and_every_request_ends(engine, preset_pipelines):
