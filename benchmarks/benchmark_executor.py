@@ -3,9 +3,9 @@ and two workers vs one.
 
     python benchmarks/benchmark_executor.py --json executor.json
 
-Each part runs its sides in alternating rounds (--repeats, default 3) after a warm-up, and
-each side's fastest round counts, so a burst of load from elsewhere on a shared machine
-hits neither side alone.
+Every part runs its sides in alternating rounds after a warm-up, so a burst of load from
+elsewhere on a shared machine hits neither side alone. Parts 2 and 3 count each side's
+fastest of --repeats (3) rounds; part 1 is described below. --only runs one part.
 
 1. step overhead: one 512x512 request (batch 1, CFG) on small-pixart. The engine side is a
    1-worker multi-process engine: the time between consecutive progress outputs (the step's
@@ -28,10 +28,9 @@ hits neither side alone.
 
 JSON keys (--json PATH): step_overhead_ratio, step_overhead_ratio_fastest, engine_step_ms,
 bare_step_ms (medians), engine_step_fastest_ms, bare_step_fastest_ms, step_overhead_ms,
-overhead_rounds,
-shm_vs_mpqueue_speedup, shm_round_trip_ms, mpqueue_round_trip_ms, two_vs_one_worker_speedup,
-one_worker_img_s, two_worker_img_s, one_worker_default_threads_img_s,
-two_vs_one_default_threads_speedup, torch_threads, repeats.
+overhead_rounds, torch_threads; shm_vs_mpqueue_speedup, shm_round_trip_ms,
+mpqueue_round_trip_ms; two_vs_one_worker_speedup, one_worker_img_s, two_worker_img_s,
+one_worker_default_threads_img_s, two_vs_one_default_threads_speedup; repeats.
 """
 
 from __future__ import annotations
