@@ -32,7 +32,8 @@ overhead_rounds, torch_threads; shm_vs_mpqueue_speedup, shm_round_trip_ms,
 mpqueue_round_trip_ms; two_vs_one_worker_speedup, one_worker_img_s, two_worker_img_s,
 one_worker_default_threads_img_s, two_vs_one_default_threads_speedup, one_worker_cores,
 two_worker_cores, one_worker_default_threads_cores (CPU cores the workers got, summed,
-during the counted round: load from elsewhere caps the speedup); repeats.
+during the counted round: load from elsewhere caps the speedup), two_vs_one_per_core
+(img/s per core got, 2 workers over 1); repeats.
 """
 
 from __future__ import annotations
@@ -251,7 +252,10 @@ def measure_data_parallel(args: argparse.Namespace) -> dict[str, float]:
             "two_vs_one_worker_speedup": best["one"] / best["two"],
             "two_vs_one_default_threads_speedup": best["one_default"] / best["two"],
             "one_worker_cores": cores["one"], "two_worker_cores": cores["two"],
-            "one_worker_default_threads_cores": cores["one_default"]}
+            "one_worker_default_threads_cores": cores["one_default"],
+            # img/s per core the workers got, 2 workers over 1: 1.0 means the second worker
+            # costs nothing beyond its core, whatever the machine's load.
+            "two_vs_one_per_core": (best["one"] * cores["one"]) / (best["two"] * cores["two"])}
 
 
 def main() -> None:
@@ -297,6 +301,7 @@ def main() -> None:
                  ("2 workers, 1 thread each: img/s (cores)",
                   f"{figures['two_worker_img_s']:.2f} ({figures['two_worker_cores']:.2f})", ""),
                  ("two_vs_one_worker_speedup", f"{figures['two_vs_one_worker_speedup']:.2f}x", ">= 1.7x"),
+                 ("2 vs 1 worker, img/s per core they got", f"{figures['two_vs_one_per_core']:.2f}x", ""),
                  ("1 worker, torch's default threads: img/s (cores)",
                   f"{figures['one_worker_default_threads_img_s']:.2f} "
                   f"({figures['one_worker_default_threads_cores']:.2f})", ""),
