@@ -153,3 +153,19 @@ async def test_a_failing_task_fails_only_its_requests(engine):
 
 async def _final(engine, params):
     return [o async for o in engine.generate("a fox", params)][-1]
+
+
+def test_the_default_executor_is_one_worker_process_on_a_cpu():
+    from engine import EngineConfig
+    from engine.async_engine import make_executor
+    from engine.executor.inprocess import InProcessExecutor
+    from engine.executor.multiproc import MultiprocExecutor
+
+    executor = make_executor(EngineConfig.create(device="cpu"))
+    assert isinstance(executor, MultiprocExecutor) and executor.num_workers == 1
+    assert make_executor(EngineConfig.create(device="cpu", num_workers=3)).num_workers == 3
+    assert isinstance(make_executor(EngineConfig.create(executor="inprocess")), InProcessExecutor)
+    with pytest.raises(ValueError, match="exactly one worker"):
+        make_executor(EngineConfig.create(executor="inprocess", num_workers=2))
+    with pytest.raises(ValueError, match="unknown executor"):
+        make_executor(EngineConfig.create(executor="threads"))
