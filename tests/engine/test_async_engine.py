@@ -164,6 +164,10 @@ def test_the_default_executor_is_one_worker_process_on_a_cpu():
     executor = make_executor(EngineConfig.create(device="cpu"))
     assert isinstance(executor, MultiprocExecutor) and executor.num_workers == 1
     assert make_executor(EngineConfig.create(device="cpu", num_workers=3)).num_workers == 3
+    # torch threads per CPU worker: torch's default alone, 1 each when several share the cores.
+    assert executor._threads is None
+    assert make_executor(EngineConfig.create(device="cpu", num_workers=2))._threads == 1
+    assert make_executor(EngineConfig.create(device="cpu", num_workers=2, worker_threads=3))._threads == 3
     assert isinstance(make_executor(EngineConfig.create(executor="inprocess")), InProcessExecutor)
     with pytest.raises(ValueError, match="exactly one worker"):
         make_executor(EngineConfig.create(executor="inprocess", num_workers=2))
