@@ -75,20 +75,25 @@ class WorkerHandle:
         self._pending: collections.deque[tuple[bytes, int]] = collections.deque()
         # engine -> worker: the worker blocks on data; the engine's loop watches space.
         self._cmd = ShmRing.create(spec.ring_capacity, nonblocking_space=True)
-        # worker -> engine: the engine's loop watches data; the worker blocks on space.
-        self._out = ShmRing.create(spec.ring_capacity, nonblocking_data=True)
-        self._writer = RingWriter(self._cmd)
-        self._reader = RingReader(self._out)
-        spec = msgspec.structs.replace(spec, cmd_fds=self._cmd.fds, out_fds=self._out.fds)
+        process = None
         try:
-            self.process = subprocess.Popen(
+            # worker -> engine: the engine's loop watches data; the worker blocks on space.
+            self._out = ShmRing.create(spec.ring_capacity, nonblocking_data=True)
+            spec = msgspec.structs.replace(spec, cmd_fds=self._cmd.fds, out_fds=self._out.fds)
+            process = subprocess.Popen(
                 [sys.executable, "-m", "engine.executor.worker_main", encode_spec(spec)],
                 pass_fds=(*self._cmd.fds, *self._out.fds, spec.parent_fd),
                 env=child_env(spec.threads), stdin=subprocess.DEVNULL)
-            self._pidfd = os.pidfd_open(self.process.pid)
+            self._pidfd = os.pidfd_open(process.pid)
         except BaseException:
+            if process is not None:
+                process.kill()
+                process.wait()
             self._close_rings()
             raise
+        self.process = process
+        self._writer = RingWriter(self._cmd)
+        self._reader = RingReader(self._out)
         self.pid = self.process.pid
         self._loop.add_reader(self._out.data_fd, self._drain)
         self._loop.add_reader(self._pidfd, self._reap)
@@ -155,7 +160,8 @@ class WorkerHandle:
 
     def _close_rings(self) -> None:
         self._cmd.close()
-        self._out.close()
+        if hasattr(self, "_out"):
+            self._out.close()
 
     @property
     def exit_reason(self) -> str:
