@@ -87,6 +87,7 @@ class MultiprocExecutor(Executor):
     start_timeout_s = 600.0  # loading a large model from disk can take minutes
     join_timeout_s = 60.0
     stop_timeout_s = 10.0
+    restart_backoff_s = 2.0  # doubled after each failed attempt to start a replacement
 
     def __init__(self, config: EngineConfig, *, worker_hook: str | None = None,
                  ring_capacity: int = DEFAULT_CAPACITY) -> None:
@@ -322,7 +323,7 @@ class MultiprocExecutor(Executor):
             if self._closing:
                 return
             if attempt:
-                await asyncio.sleep(min(2.0 ** attempt, 10.0))
+                await asyncio.sleep(min(self.restart_backoff_s * 2 ** (attempt - 1), 10.0))
             handle = self._spawn(rank)
             self._handles[rank] = handle
             try:
