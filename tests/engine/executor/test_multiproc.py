@@ -15,6 +15,7 @@ import pytest_asyncio
 
 from engine import AsyncEngine, EngineConfig, ImageParams, RequestAbortedError, RequestFailedError
 from engine.executor.multiproc import MultiprocExecutor
+from engine.executor.worker_handle import WorkerHandle
 from engine.messages import Stage, Task
 from tests.engine.executor.faults import SEED_THAT_FAILS
 from tests.engine.executor.procs import is_alive, our_segments, worker_children
@@ -75,6 +76,17 @@ async def test_a_raising_task_fails_only_its_requests_and_the_worker_stays_up(en
     assert all(o.finished for o in await asyncio.gather(*good))
     assert engine.executor.worker_pids() == pids and engine.executor.healthy
     assert (await final(engine, "a cat", ImageParams(seed=5, num_inference_steps=2, width=64, height=64))).finished
+
+
+async def test_a_task_larger_than_the_command_ring_crosses_it_in_pieces(engine, monkeypatch):
+    flushes = []
+    flush = WorkerHandle._flush
+    monkeypatch.setattr(WorkerHandle, "_flush", lambda self: (flushes.append(self.rank), flush(self))[1])
+    prompts = [f"{i} " + "a very long prompt about a red fox in the snow " * 120 for i in range(3)]
+    assert sum(map(len, prompts)) > 2 * 8192
+    params = ImageParams(num_inference_steps=2, width=64, height=64)
+    outputs = await asyncio.gather(*(final(engine, p, params) for p in prompts))
+    assert all(o.finished for o in outputs) and flushes
 
 
 async def test_an_aborted_request_is_freed_in_its_worker_process(engine):
