@@ -77,12 +77,19 @@ def load_cost_model(profile: str | None, info: ModelInfo) -> CostModel | None:
 
 
 def make_executor(config: EngineConfig) -> Executor:
-    from engine.executor.inprocess import InProcessExecutor
-
+    """auto and multiprocess: one worker process per device; inprocess: a thread (one worker)."""
     kind = config.parallel.executor
-    if kind in ("auto", "inprocess"):
+    if kind in ("auto", "multiprocess"):
+        from engine.executor.multiproc import MultiprocExecutor
+
+        return MultiprocExecutor(config)
+    if kind == "inprocess":
+        if (config.parallel.num_workers or 1) != 1:
+            raise ValueError("the inprocess executor runs exactly one worker; use executor=multiprocess")
+        from engine.executor.inprocess import InProcessExecutor
+
         return InProcessExecutor(config)
-    raise ValueError(f"unknown executor {kind!r}; choose auto or inprocess")
+    raise ValueError(f"unknown executor {kind!r}; choose auto, multiprocess or inprocess")
 
 
 class AsyncEngine:
@@ -141,7 +148,7 @@ class AsyncEngine:
     # ----- public API --------------------------------------------------------------
     @property
     def is_running(self) -> bool:
-        return self.model_info is not None and not self._closed
+        return self.model_info is not None and not self._closed and self.executor.healthy
 
     @property
     def num_unfinished(self) -> int:
@@ -256,6 +263,11 @@ class AsyncEngine:
         self._observed_tasks = {tid: rec for tid, rec in self._observed_tasks.items()
                                 if rank not in rec[0].members}
         self._publish(self.scheduler.on_worker_failed(rank, message, time.monotonic()))
+        if not self.executor.healthy and not self._closed:
+            # The executor gave up on a worker: nothing can be served any more.
+            for request_id in list(self._streams):
+                self.scheduler.abort_request(request_id, time.monotonic())
+                self._end_stream(request_id, RequestFailedError(request_id, f"the engine cannot serve: {message}"))
         self._kick()
 
     def _on_worker_restarted(self, rank: int) -> None:

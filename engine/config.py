@@ -51,7 +51,7 @@ class ParallelConfig:
     num_workers: int | None = None
     """Worker processes (one per device); None: one per GPU, or 1 on CPU."""
     executor: str = "auto"
-    """auto (multiprocess when available), inprocess or multiprocess."""
+    """auto (= multiprocess), multiprocess (a worker process per device) or inprocess (one worker on a thread)."""
     worker_threads: int | None = None
     """torch threads per CPU worker; None: 1 with several workers, else torch's default."""
 

@@ -1,7 +1,9 @@
 """Messages that cross process boundaries (engine <-> workers), as msgspec Structs.
 
 They are plain data: tensors never travel in them (latents stay on the worker that holds a
-request's state); images travel as encoded bytes.
+request's state); images travel as encoded bytes. The messages that travel alone between
+the engine and a worker process are tagged, so a union of them decodes without a wrapper
+(see engine/executor/protocol.py).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class Migration(msgspec.Struct, **_WIRE):
     dsts: tuple[int, ...]
 
 
-class Task(msgspec.Struct, **_WIRE):
+class Task(msgspec.Struct, tag=True, **_WIRE):
     """One unit of work for a group of workers; ``group[0]`` reports the requests' progress.
 
     ``group`` is the ordered tuple of ranks that compute (the sequence-parallel group).
@@ -79,7 +81,7 @@ class Task(msgspec.Struct, **_WIRE):
         return self.group + tuple(extra)
 
 
-class FreeRequests(msgspec.Struct, **_WIRE):
+class FreeRequests(msgspec.Struct, tag=True, **_WIRE):
     """Drop the state of these requests (aborted, or their task was lost)."""
 
     request_ids: list[str]
@@ -105,7 +107,7 @@ class ItemResult(msgspec.Struct, **_WIRE):
     latents_shape: list[int] = []
 
 
-class TaskResult(msgspec.Struct, **_WIRE):
+class TaskResult(msgspec.Struct, tag=True, **_WIRE):
     task_id: int
     rank: int
     items: list[ItemResult] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import torch
 
@@ -28,3 +30,45 @@ def pipeline_reference(pipe, prompt: str, params: ImageParams) -> tuple[torch.Te
                    **kwargs).images
     images = pipe(prompt, generator=torch.Generator().manual_seed(params.seed), output_type="pil", **kwargs).images
     return latents, np.stack([np.asarray(image) for image in images])
+
+
+STAGGERED = [
+    ("a red fox", dict(seed=11, num_inference_steps=8, guidance_scale=4.0)),
+    ("a blue cat in the city", dict(seed=12, num_inference_steps=6, guidance_scale=2.5, negative_prompt="blurry")),
+    ("a tree by the river", dict(seed=13, num_inference_steps=7, guidance_scale=6.0, n=2)),
+    ("snow on a mountain", dict(seed=14, num_inference_steps=5, guidance_scale=3.0)),
+]
+
+
+def record_tasks(engine):
+    """Wrap submit to see, for each task, the step each of its requests was at."""
+    seen = []
+    submit = engine.executor.submit
+
+    def recording(task):
+        steps = [engine.scheduler.requests[rid].step for rid in task.request_ids]
+        seen.append((task, steps))
+        submit(task)
+
+    engine.executor.submit = recording
+    return seen
+
+
+async def run_staggered(engine, requests, width=64, height=64):
+    """Start request i once request i-1 has made two steps, so batches mix steps."""
+    outputs = [None] * len(requests)
+    started = [asyncio.Event() for _ in requests]
+
+    async def one(i):
+        prompt, kw = requests[i]
+        if i:
+            await started[i - 1].wait()
+        params = ImageParams(width=width, height=height, output_format="raw", return_latents=True, **kw)
+        async for out in engine.generate(prompt, params):
+            if out.step >= 2:
+                started[i].set()
+            outputs[i] = out
+        started[i].set()
+
+    await asyncio.gather(*(one(i) for i in range(len(requests))))
+    return outputs

@@ -32,7 +32,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -65,23 +64,31 @@ class WorldSpec:
 
 
 class World:
-    """Owner side (the engine): creates the segment and doorbells, and removes their names."""
+    """Owner side (the engine): creates the segment and doorbells, and removes their names.
+
+    The segment is a plain file under /dev/shm (not ``multiprocessing.shared_memory``, whose
+    resource tracker would be one more process that outlives a shutdown). Its name carries
+    the owner's pid, ``gfdit-gf-<pid>-<token>``; ``unlink`` once every rank has attached.
+    """
 
     def __init__(self, world_size: int, capacity: int = 4 << 20) -> None:
         if not 1 <= world_size <= 64:
             raise ValueError("world_size must be between 1 and 64")
-        name = SEGMENT_PREFIX + uuid.uuid4().hex[:12]
+        name = f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         bell_dir = tempfile.mkdtemp(prefix="gfdit-bells-")
         self.spec = WorldSpec(name, bell_dir, world_size, capacity)
-        self._segment = shared_memory.SharedMemory(name=name, create=True, size=self.spec.size_bytes)
-        np.frombuffer(self._segment.buf, dtype=np.uint8)[:] = 0
+        fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, self.spec.size_bytes)  # zero-filled: every channel starts EMPTY
+        finally:
+            os.close(fd)
         for rank in range(world_size):
             os.mkfifo(self.spec.bell(rank))
 
     def unlink(self) -> None:
         """Remove the names; ranks that attached keep working. Safe to call twice."""
         with contextlib.suppress(FileNotFoundError):
-            self._segment.unlink()
+            os.unlink(f"/dev/shm/{self.spec.segment}")
         for rank in range(self.spec.world_size):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.spec.bell(rank))
@@ -90,7 +97,6 @@ class World:
 
     def close(self) -> None:
         self.unlink()
-        self._segment.close()
 
 
 class Channels:

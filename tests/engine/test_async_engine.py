@@ -1,4 +1,5 @@
-"""The asyncio engine end to end with the in-process worker."""
+"""The asyncio engine end to end with the in-process worker (tests/engine/executor/ covers the
+worker processes)."""
 
 import asyncio
 
@@ -13,53 +14,12 @@ from engine import (
     RequestFailedError,
 )
 from engine.messages import Stage
-from tests.helpers import FAMILY_PRESETS, pipeline_reference
-
-STAGGERED = [
-    ("a red fox", dict(seed=11, num_inference_steps=8, guidance_scale=4.0)),
-    ("a blue cat in the city", dict(seed=12, num_inference_steps=6, guidance_scale=2.5, negative_prompt="blurry")),
-    ("a tree by the river", dict(seed=13, num_inference_steps=7, guidance_scale=6.0, n=2)),
-    ("snow on a mountain", dict(seed=14, num_inference_steps=5, guidance_scale=3.0)),
-]
-
-
-def record_tasks(engine):
-    """Wrap submit to see, for each task, the step each of its requests was at."""
-    seen = []
-    submit = engine.executor.submit
-
-    def recording(task):
-        steps = [engine.scheduler.requests[rid].step for rid in task.request_ids]
-        seen.append((task, steps))
-        submit(task)
-
-    engine.executor.submit = recording
-    return seen
-
-
-async def run_staggered(engine, requests, width=64, height=64):
-    """Start request i once request i-1 has made two steps, so batches mix steps."""
-    outputs = [None] * len(requests)
-    started = [asyncio.Event() for _ in requests]
-
-    async def one(i):
-        prompt, kw = requests[i]
-        if i:
-            await started[i - 1].wait()
-        params = ImageParams(width=width, height=height, output_format="raw", return_latents=True, **kw)
-        async for out in engine.generate(prompt, params):
-            if out.step >= 2:
-                started[i].set()
-            outputs[i] = out
-        started[i].set()
-
-    await asyncio.gather(*(one(i) for i in range(len(requests))))
-    return outputs
+from tests.helpers import FAMILY_PRESETS, STAGGERED, pipeline_reference, record_tasks, run_staggered
 
 
 @pytest.mark.parametrize("preset", FAMILY_PRESETS)
 async def test_staggered_requests_share_batches_and_match_the_pipeline(preset, preset_pipelines):
-    engine = await AsyncEngine.create(model=preset, device="cpu")
+    engine = await AsyncEngine.create(model=preset, device="cpu", executor="inprocess")
     try:
         tasks = record_tasks(engine)
         outputs = await run_staggered(engine, STAGGERED)
@@ -79,7 +39,7 @@ async def test_staggered_requests_share_batches_and_match_the_pipeline(preset, p
 async def test_a_model_saved_to_a_folder_serves_the_same_images(tmp_path, preset_pipelines):
     pipe = preset_pipelines("tiny-flux")
     pipe.save_pretrained(tmp_path / "flux")
-    engine = await AsyncEngine.create(model=str(tmp_path / "flux"), device="cpu")
+    engine = await AsyncEngine.create(model=str(tmp_path / "flux"), device="cpu", executor="inprocess")
     try:
         assert engine.model_info.family == "flux"
         outputs = await run_staggered(engine, STAGGERED[:3])
@@ -92,7 +52,7 @@ async def test_a_model_saved_to_a_folder_serves_the_same_images(tmp_path, preset
 
 @pytest.fixture
 async def engine():
-    engine = await AsyncEngine.create(model="tiny-pixart", device="cpu")
+    engine = await AsyncEngine.create(model="tiny-pixart", device="cpu", executor="inprocess")
     yield engine
     await engine.shutdown()
 
@@ -193,3 +153,23 @@ async def test_a_failing_task_fails_only_its_requests(engine):
 
 async def _final(engine, params):
     return [o async for o in engine.generate("a fox", params)][-1]
+
+
+def test_the_default_executor_is_one_worker_process_on_a_cpu():
+    from engine import EngineConfig
+    from engine.async_engine import make_executor
+    from engine.executor.inprocess import InProcessExecutor
+    from engine.executor.multiproc import MultiprocExecutor
+
+    executor = make_executor(EngineConfig.create(device="cpu"))
+    assert isinstance(executor, MultiprocExecutor) and executor.num_workers == 1
+    assert make_executor(EngineConfig.create(device="cpu", num_workers=3)).num_workers == 3
+    # torch threads per CPU worker: torch's default alone, 1 each when several share the cores.
+    assert executor._threads is None
+    assert make_executor(EngineConfig.create(device="cpu", num_workers=2))._threads == 1
+    assert make_executor(EngineConfig.create(device="cpu", num_workers=2, worker_threads=3))._threads == 3
+    assert isinstance(make_executor(EngineConfig.create(executor="inprocess")), InProcessExecutor)
+    with pytest.raises(ValueError, match="exactly one worker"):
+        make_executor(EngineConfig.create(executor="inprocess", num_workers=2))
+    with pytest.raises(ValueError, match="unknown executor"):
+        make_executor(EngineConfig.create(executor="threads"))

@@ -18,7 +18,7 @@ def test_gfdit_generate_writes_the_image(tmp_path):
 def test_gfdit_generate_reports_bad_input(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "entrypoints.cli", "generate", "a fox", "-o", str(tmp_path / "x.png"),
-         "--size", "65", "--model", "tiny-flux"],
+         "--size", "65", "--model", "tiny-flux", "--executor", "inprocess"],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "width must be a multiple of 16" in result.stderr

@@ -1,0 +1,390 @@
+"""One worker process per device, driven from the event loop over shared-memory rings.
+
+The executor never blocks the loop: ``submit`` encodes a task once and copies it into the
+command ring of every member rank; results and process exits arrive as loop callbacks
+(engine/executor/worker_handle.py). N workers run N tasks at once; the scheduler spreads
+work over them.
+
+Failure. A worker that dies is seen at once (its pidfd). The executor delivers what it
+sent before dying, calls ``on_failure(rank, message)`` (the scheduler restarts that rank's
+requests from scratch, up to ``max_retries``, then fails them), and starts a replacement.
+A replacement that cannot start is retried ``MAX_START_ATTEMPTS`` times; then the
+executor is no longer ``healthy`` and the engine fails every request.
+
+The world. Every worker joins one torch.distributed world at start-up. A process that
+died cannot rejoin it, so once the replacement has loaded the model, the world is formed
+again under a new epoch: every worker leaves and rejoins. Each worker handles its
+command ring in order, and a submit writes to all member rings in one loop callback, so
+every rank sees tasks and JoinWorld in the same order. The executor still sends JoinWorld
+only when no multi-rank task is in flight, and holds new multi-rank tasks until every
+rank has joined: no collective straddles two worlds. Single-rank tasks keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+
+import msgspec
+
+from engine.config import EngineConfig
+from engine.distributed.shm_channels import World as ChannelsOwner
+from engine.executor.base import Executor, FailureCallback, RestartCallback, ResultCallback
+from engine.executor.protocol import (
+    FromWorker,
+    Joined,
+    JoinFailed,
+    JoinWorld,
+    Ready,
+    Shutdown,
+    StartFailed,
+    WorkerSpec,
+    encoder,
+)
+from engine.executor.shm_queue import DEFAULT_CAPACITY
+from engine.executor.worker_handle import WorkerHandle, WorkerStartError
+from engine.messages import FreeRequests, ModelInfo, Task, TaskResult
+
+logger = logging.getLogger(__name__)
+
+MAX_START_ATTEMPTS = 3
+MAX_JOIN_FAILURES = 3
+
+
+def default_num_workers(device: str) -> int:
+    """One worker per GPU; 1 on CPU."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def rank_device(device: str, rank: int) -> str:
+    """Worker ``rank``'s device: its own GPU when the engine's device is auto or cuda."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{rank % torch.cuda.device_count()}"
+    return "cpu" if device == "auto" else device
+
+
+@dataclass
+class _World:
+    """Book of the world's re-formation."""
+
+    epoch: int = -1
+    needed: bool = True  # a (re)join is due once every rank is ready
+    joining: set[int] = field(default_factory=set)  # ranks that owe an answer for ``epoch``
+    failed: bool = False  # a rank failed to join ``epoch``
+    interrupted: bool = False  # a rank died while ``epoch`` was forming (not the world's fault)
+    failures: int = 0  # consecutive failed epochs
+    formed: asyncio.Future[None] | None = None
+
+
+class MultiprocExecutor(Executor):
+    start_timeout_s = 600.0  # loading a large model from disk can take minutes
+    join_timeout_s = 60.0
+    stop_timeout_s = 10.0
+    restart_backoff_s = 2.0  # doubled after each failed attempt to start a replacement
+
+    def __init__(self, config: EngineConfig, *, worker_hook: str | None = None,
+                 ring_capacity: int = DEFAULT_CAPACITY) -> None:
+        super().__init__(config)
+        parallel = config.parallel
+        self._num_workers = parallel.num_workers or default_num_workers(config.model.device)
+        if self._num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+        self._threads = parallel.worker_threads or (1 if self._num_workers > 1 else None)
+        self._worker_hook = worker_hook
+        self._ring_capacity = ring_capacity
+        self._handles: list[WorkerHandle | None] = [None] * self._num_workers
+        self._restarting: dict[int, asyncio.Task[None]] = {}
+        self._returning: set[int] = set()  # replaced ranks that come back once the world is formed
+        self._inflight: dict[int, set[int]] = {}  # task id -> ranks that owe a result
+        self._multi_inflight: set[int] = set()
+        self._held: list[Task] = []
+        self._world = _World()
+        # This epoch's shared-memory channels for the group-free collectives of CPU workers.
+        self._channels: ChannelsOwner | None = None
+        self._closing = False
+        self._fatal: str | None = None
+
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    @property
+    def healthy(self) -> bool:
+        return self._fatal is None and not self._closing
+
+    @property
+    def world_epoch(self) -> int:
+        return self._world.epoch
+
+    def worker_pids(self) -> dict[int, int]:
+        return {h.rank: h.pid for h in self._handles if h is not None and h.alive}
+
+    # ----- start ---------------------------------------------------------------------
+    async def start(self, on_result: ResultCallback, on_failure: FailureCallback,
+                    on_restart: RestartCallback) -> ModelInfo:
+        self._loop = asyncio.get_running_loop()
+        self._on_result, self._on_failure, self._on_restart = on_result, on_failure, on_restart
+        self._world.formed = self._loop.create_future()
+        try:
+            self._open()
+            for rank in range(self._num_workers):
+                self._handles[rank] = self._spawn(rank)
+            readies = [h.ready for h in self._handles if h is not None]
+            done, pending = await asyncio.wait(readies, timeout=self.start_timeout_s,
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            for future in done:
+                future.result()  # raises the first start failure
+            if pending:
+                raise WorkerStartError(f"workers did not load the model within {self.start_timeout_s:.0f} s")
+            self._maybe_form_world()
+            await asyncio.wait_for(asyncio.shield(self._world.formed), self.join_timeout_s + 10)
+        except BaseException as exc:
+            await self.shutdown()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise WorkerStartError("the workers did not form their torch.distributed world in time") from None
+            raise
+        for handle in self._handles:
+            assert handle is not None
+            handle.serving = True
+        return self._handles[0].ready.result()  # type: ignore[union-attr]
+
+    def _open(self) -> None:
+        import torch.distributed as dist
+
+        # The rendezvous for every epoch's world; served by a thread of this process.
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        # Workers hold the read end; when this process dies the write end closes and they exit.
+        self._parent_r, self._parent_w = os.pipe()
+
+    def _spawn(self, rank: int) -> WorkerHandle:
+        model = self.config.model
+        spec = WorkerSpec(
+            rank=rank, world_size=self._num_workers, epoch=self._world.epoch + 1, model=model,
+            device=rank_device(model.device, rank), threads=self._threads,
+            store_host="127.0.0.1", store_port=self._store.port, join_timeout_s=self.join_timeout_s,
+            cmd_fds=(-1, -1, -1), out_fds=(-1, -1, -1), ring_capacity=self._ring_capacity,
+            parent_fd=self._parent_r, parent_pid=os.getpid(),
+            log_level=logging.getLogger().getEffectiveLevel(), worker_hook=self._worker_hook)
+        handle = WorkerHandle(spec, self._on_message, self._on_exit)
+        logger.info("started worker %d (pid %d)", rank, handle.pid)
+        return handle
+
+    # ----- tasks ---------------------------------------------------------------------
+    def submit(self, task: Task) -> None:
+        if len(task.members) > 1 and (self._world.needed or self._world.joining):
+            self._held.append(task)
+            return
+        self._send_task(task)
+
+    def _send_task(self, task: Task) -> None:
+        members = [r for r in task.members if self._is_up(r)]
+        if not members:
+            return
+        self._inflight[task.task_id] = set(members)
+        if len(task.members) > 1:
+            self._multi_inflight.add(task.task_id)
+        self._broadcast(task, members)
+
+    def free(self, rank: int, request_ids: list[str]) -> None:
+        if self._is_up(rank):
+            self._broadcast(FreeRequests(request_ids), [rank])
+
+    def _broadcast(self, message: msgspec.Struct, ranks: list[int]) -> None:
+        payload = encoder.encode(message)
+        for rank in ranks:
+            handle = self._handles[rank]
+            if handle is not None:
+                handle.send(payload)
+
+    def _is_up(self, rank: int) -> bool:
+        handle = self._handles[rank]
+        return handle is not None and handle.alive
+
+    # ----- messages from workers -----------------------------------------------------
+    def _on_message(self, handle: WorkerHandle, message: FromWorker) -> None:
+        if isinstance(message, TaskResult):
+            self._task_answered(message.task_id, handle.rank)
+            if not self._closing:
+                self._on_result(message)
+        elif isinstance(message, Ready):
+            logger.info("worker %d (pid %d) loaded %s", handle.rank, message.pid, message.info.name)
+            handle.ready.set_result(message.info)
+        elif isinstance(message, StartFailed):
+            handle.ready.set_exception(WorkerStartError(message.message))
+            handle.ready.exception()
+            handle.kill()
+        elif isinstance(message, (Joined, JoinFailed)):
+            self._join_answered(handle.rank, message)
+
+    def _task_answered(self, task_id: int, rank: int) -> None:
+        owed = self._inflight.get(task_id)
+        if owed is None:
+            return
+        owed.discard(rank)
+        if not owed:
+            del self._inflight[task_id]
+            self._multi_inflight.discard(task_id)
+            self._maybe_form_world()
+
+    # ----- the world -----------------------------------------------------------------
+    def _maybe_form_world(self) -> None:
+        world = self._world
+        if self._closing or not world.needed or world.joining or self._multi_inflight:
+            return
+        handles = [h for h in self._handles if h is not None and h.alive and h.ready.done()
+                   and h.ready.exception() is None]
+        if len(handles) < self._num_workers:
+            return
+        world.needed, world.failed, world.interrupted = False, False, False
+        world.epoch += 1
+        world.joining = {h.rank for h in handles}
+        logger.info("forming world epoch %d over %d workers", world.epoch, len(handles))
+        self._close_channels()
+        if not rank_device(self.config.model.device, 0).startswith("cuda"):
+            self._channels = ChannelsOwner(self._num_workers)
+        spec = self._channels.spec if self._channels is not None else None
+        self._broadcast(JoinWorld(world.epoch, self._num_workers, spec), sorted(world.joining))
+
+    def _join_answered(self, rank: int, message: Joined | JoinFailed) -> None:
+        world = self._world
+        if message.epoch != world.epoch or rank not in world.joining:
+            return
+        world.joining.discard(rank)
+        if isinstance(message, JoinFailed):
+            logger.error("worker %d could not join world epoch %d: %s", rank, message.epoch, message.message)
+            world.failed = True
+        if not world.joining:
+            self._world_settled()
+
+    def _world_settled(self) -> None:
+        """Every rank has answered this epoch's JoinWorld (or died)."""
+        world = self._world
+        if self._channels is not None:
+            self._channels.unlink()  # every rank that joined has attached; nothing else may
+        if world.failed or world.needed:
+            world.failures += world.failed and not world.interrupted
+            world.needed = True
+            if world.failures >= MAX_JOIN_FAILURES:
+                self._give_up(0, f"the workers failed {world.failures} times to form their "
+                              "torch.distributed world; see the worker logs")
+            elif world.formed is not None and not world.formed.done() and world.failed:
+                world.formed.set_exception(WorkerStartError(
+                    "a worker could not join the torch.distributed world; see the worker logs"))
+            else:
+                self._maybe_form_world()
+            return
+        world.failures = 0
+        if world.formed is not None and not world.formed.done():
+            world.formed.set_result(None)
+        for rank in sorted(self._returning):
+            handle = self._handles[rank]
+            if handle is not None and handle.alive:
+                handle.serving = True
+                logger.info("worker %d is back (pid %d)", rank, handle.pid)
+                self._on_restart(rank)
+        self._returning.clear()
+        held, self._held = self._held, []
+        for task in held:
+            self._send_task(task)
+
+    # ----- failures ------------------------------------------------------------------
+    def _on_exit(self, handle: WorkerHandle) -> None:
+        rank = handle.rank
+        if self._handles[rank] is handle:
+            self._handles[rank] = None
+        if self._closing:
+            return
+        reason = handle.exit_reason
+        logger.error("%s", reason)
+        for task_id in list(self._inflight):
+            self._task_answered(task_id, rank)
+        # Held tasks with this rank were dropped by the scheduler with the rank's requests.
+        self._held = [t for t in self._held if rank not in t.members]
+        self._returning.discard(rank)
+        world = self._world
+        world.needed = True
+        if rank in world.joining:
+            world.joining.discard(rank)
+            world.interrupted = True
+            if not world.joining:
+                self._world_settled()
+        if world.formed is not None and not world.formed.done():
+            # Still starting: start() fails with the worker's reason.
+            world.formed.set_exception(WorkerStartError(reason))
+            world.formed.exception()
+            return
+        if handle.serving:
+            self._on_failure(rank, f"{reason} while running this request")
+        if rank not in self._restarting or self._restarting[rank].done():
+            self._restarting[rank] = self._loop.create_task(self._restart(rank))
+
+    async def _restart(self, rank: int) -> None:
+        last = ""
+        for attempt in range(MAX_START_ATTEMPTS):
+            if self._closing:
+                return
+            if attempt:
+                await asyncio.sleep(min(self.restart_backoff_s * 2 ** (attempt - 1), 10.0))
+            handle = self._spawn(rank)
+            self._handles[rank] = handle
+            try:
+                await asyncio.wait_for(asyncio.shield(handle.ready), self.start_timeout_s)
+            except (WorkerStartError, asyncio.TimeoutError) as exc:
+                last = str(exc) or "timed out loading the model"
+                logger.error("replacement for worker %d failed to start: %s", rank, last)
+                handle.kill()
+                await handle.exited
+                continue
+            self._returning.add(rank)
+            self._maybe_form_world()
+            return
+        self._give_up(rank, f"worker {rank} could not be restarted after {MAX_START_ATTEMPTS} "
+                            f"attempts: {last}")
+
+    def _give_up(self, rank: int, message: str) -> None:
+        """Stop being ``healthy``; the engine then fails every request."""
+        if self._fatal is None:
+            logger.error("executor gives up: %s", message)
+            self._fatal = message
+            self._on_failure(rank, message)
+
+    def _close_channels(self) -> None:
+        if self._channels is not None:
+            self._channels.close()
+            self._channels = None
+
+    # ----- shutdown ------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """Ask every worker to exit, kill those that do not in time; reap them all."""
+        if self._closing:
+            return
+        self._closing = True
+        current = asyncio.current_task()
+        for task in self._restarting.values():
+            if task is not current:
+                task.cancel()
+        handles = [h for h in self._handles if h is not None and h.alive]
+        self._broadcast(Shutdown(), [h.rank for h in handles])
+        exits = [h.exited for h in handles]
+        if exits:
+            _, pending = await asyncio.wait(exits, timeout=self.stop_timeout_s)
+            for handle in handles:
+                if not handle.exited.done():
+                    logger.warning("worker %d did not stop in time; killing it", handle.rank)
+                    handle.kill()
+            if pending:
+                await asyncio.wait(pending)
+        self._close_channels()
+        if hasattr(self, "_parent_w"):
+            os.close(self._parent_w)
+            os.close(self._parent_r)
+            del self._parent_w
+        self._store = None
