@@ -32,6 +32,15 @@ def pipeline_reference(pipe, prompt: str, params: ImageParams) -> tuple[torch.Te
     return latents, np.stack([np.asarray(image) for image in images])
 
 
+def assert_matches_pipeline(pipe, prompt: str, out) -> None:
+    """A finished output has the plain pipeline's latents (<= 1e-4) and pixels (<= 1)."""
+    assert out.finished and len(out.images) == out.params.n
+    ref_latents, ref_pixels = pipeline_reference(pipe, prompt, out.params)
+    assert np.abs(out.latents - ref_latents.numpy()).max() <= 1e-4
+    pixels = np.stack([image.to_numpy() for image in out.images])
+    assert np.abs(pixels.astype(int) - ref_pixels.astype(int)).max() <= 1
+
+
 STAGGERED = [
     ("a red fox", dict(seed=11, num_inference_steps=8, guidance_scale=4.0)),
     ("a blue cat in the city", dict(seed=12, num_inference_steps=6, guidance_scale=2.5, negative_prompt="blurry")),

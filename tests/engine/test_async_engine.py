@@ -14,7 +14,14 @@ from engine import (
     RequestFailedError,
 )
 from engine.messages import Stage
-from tests.helpers import FAMILY_PRESETS, STAGGERED, pipeline_reference, record_tasks, run_staggered
+from tests.helpers import (
+    FAMILY_PRESETS,
+    STAGGERED,
+    assert_matches_pipeline,
+    pipeline_reference,
+    record_tasks,
+    run_staggered,
+)
 
 
 @pytest.mark.parametrize("preset", FAMILY_PRESETS)
@@ -29,11 +36,7 @@ async def test_staggered_requests_share_batches_and_match_the_pipeline(preset, p
     assert mixed, "no denoise batch mixed requests at different steps"
     pipe = preset_pipelines(preset)
     for out, (prompt, _) in zip(outputs, STAGGERED):
-        assert out.finished and len(out.images) == out.params.n
-        ref_latents, ref_pixels = pipeline_reference(pipe, prompt, out.params)
-        assert np.abs(out.latents - ref_latents.numpy()).max() <= 1e-4
-        pixels = np.stack([image.to_numpy() for image in out.images])
-        assert np.abs(pixels.astype(int) - ref_pixels.astype(int)).max() <= 1
+        assert_matches_pipeline(pipe, prompt, out)
 
 
 async def test_a_model_saved_to_a_folder_serves_the_same_images(tmp_path, preset_pipelines):

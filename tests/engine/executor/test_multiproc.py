@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 
-import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -19,7 +18,7 @@ from engine.executor.worker_handle import WorkerHandle
 from engine.messages import Stage, Task
 from tests.engine.executor.faults import SEED_THAT_FAILS
 from tests.engine.executor.procs import is_alive, our_segments, worker_children
-from tests.helpers import STAGGERED, pipeline_reference, record_tasks, run_staggered
+from tests.helpers import STAGGERED, assert_matches_pipeline, record_tasks, run_staggered
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -46,13 +45,6 @@ def recording(engine):
 
 async def final(engine, prompt, params):
     return [o async for o in engine.generate(prompt, params)][-1]
-
-
-def assert_matches_pipeline(pipe, prompt, out):
-    ref_latents, ref_pixels = pipeline_reference(pipe, prompt, out.params)
-    assert np.abs(out.latents - ref_latents.numpy()).max() <= 1e-4
-    pixels = np.stack([image.to_numpy() for image in out.images])
-    assert np.abs(pixels.astype(int) - ref_pixels.astype(int)).max() <= 1
 
 
 async def test_two_workers_run_batches_at_once_and_give_the_pipeline_images(engine, preset_pipelines):

@@ -8,7 +8,6 @@ and in the engine's process, so no step may create a communicator.
 
 import asyncio
 
-import numpy as np
 import pytest
 import pytest_asyncio
 import torch.distributed as dist
@@ -18,7 +17,7 @@ from engine.executor.multiproc import MultiprocExecutor
 from engine.messages import Stage
 from engine.scheduler.policies import make_policy
 from tests.engine.executor.degree_script import CYCLE, DegreeCycle
-from tests.helpers import FAMILY_PRESETS, pipeline_reference, record_tasks
+from tests.helpers import FAMILY_PRESETS, assert_matches_pipeline, record_tasks
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -62,11 +61,7 @@ async def generate_all(engine):
 
 def assert_pipeline_images(pipe, outputs):
     for out, (prompt, _) in zip(outputs, REQUESTS):
-        assert out.finished and len(out.images) == out.params.n
-        ref_latents, ref_pixels = pipeline_reference(pipe, prompt, out.params)
-        assert np.abs(out.latents - ref_latents.numpy()).max() <= 1e-4
-        pixels = np.stack([image.to_numpy() for image in out.images])
-        assert np.abs(pixels.astype(int) - ref_pixels.astype(int)).max() <= 1
+        assert_matches_pipeline(pipe, prompt, out)
 
 
 async def test_degree_two_for_a_whole_request_gives_the_pipeline_images(engine, preset_pipelines):
