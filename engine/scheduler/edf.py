@@ -19,7 +19,7 @@ an idle request could use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.messages import Stage
@@ -37,10 +37,16 @@ class Draft:
     stage: Stage
     requests: list[Request]
     group: tuple[int, ...]
+    # Free holders outside the group that send a request's state to it (then drop it).
+    senders: frozenset[int] = field(default_factory=frozenset)
 
     @property
     def images(self) -> int:
         return sum(r.n for r in self.requests)
+
+    def reaches(self, group: tuple[int, ...]) -> bool:
+        """Whether every request's state is in ``group`` or with one of the senders."""
+        return holds(tuple(group) + tuple(self.senders), self.requests)
 
     def plan(self, steps_per_task: int) -> Plan:
         steps = steps_per_task if self.stage == Stage.DENOISE else 1
@@ -63,6 +69,7 @@ class Round:
 
     def take(self, draft: Draft) -> None:
         self.free.difference_update(draft.group)
+        self.free.difference_update(draft.senders)
         self.taken.update(r.request_id for r in draft.requests)
         self.drafts.append(draft)
 
@@ -88,7 +95,7 @@ class EDFPolicy(Policy):
         degrees = tuple(d for d in view.degrees if d in self.cost_model.degrees) or (1,)
         book = DeadlineBook(self.cost_model, view, degrees, slo_factor=self.slo_factor)
         rnd = Round(view, book, degrees, set(view.free_workers), book.ordered(view.requests), [], set(),
-                    {rank for rank, speed in view.rank_speed.items() if speed < 1.0})
+                    view.avoided())
         for r in rnd.order:
             if not rnd.free:
                 break
@@ -102,20 +109,30 @@ class EDFPolicy(Policy):
     def _start(self, rnd: Round, r: Request) -> None:
         view = rnd.view
         if r.location is None:
+            if not any(view.accepts_new(rank, r) for rank in rnd.free):
+                return  # no free device has room for its state yet
             rank, batch = self._encode_share(rnd, r)
             rnd.take(Draft(Stage.ENCODE, batch, (rank,)))
         elif r.denoised:
             holders = [rank for rank in r.location if rank in rnd.free]
             if holders:
                 same = r.location
-                batch = self._followers(rnd, r, lambda q: q.denoised and q.location == same and q.shape == r.shape)
+                limit = view.batch_limit(Stage.DECODE, r.shape, (holders[0],))
+                batch = self._followers(rnd, r, lambda q: q.denoised and q.location == same and q.shape == r.shape,
+                                        limit)
                 rnd.take(Draft(Stage.DECODE, batch, (holders[0],)))
         elif any(rank in rnd.free for rank in r.location):  # else its holders are busy: it waits
             allowed = [d for d in rnd.degrees if d <= len(rnd.free)]
             degree = self.degree(rnd, r, allowed)
-            group = pick_group(rnd.free, degree, r.location, view.num_workers, rnd.slow)
+            # State on one rank alone may leave it for a group without it (the rank sends),
+            # so a request encoded on a device now shared with a foreign job can move off.
+            group = pick_group(rnd.free, degree, r.location, view.num_workers, rnd.slow,
+                               may_move=len(r.location) == 1)
             if group is not None and holds(group, [r]):
                 rnd.take(Draft(Stage.DENOISE, [r], group))
+            elif group is not None:
+                senders = frozenset(rank for rank in r.location if rank in rnd.free)
+                rnd.take(Draft(Stage.DENOISE, [r], group, senders))
 
     def _encode_share(self, rnd: Round, leader: Request) -> tuple[int, list[Request]]:
         """Spread the new requests over the free ranks by the work each rank already holds
@@ -130,17 +147,24 @@ class EDFPolicy(Policy):
             for r in [*rnd.view.requests, *rnd.view.running]:
                 for rank in r.location or ():
                     rnd.load[rank] = rnd.load.get(rank, 0.0) + book.work_s(r) / len(r.location)
+        view = rnd.view
         free = sorted(rnd.free)
         load = {rank: rnd.load.get(rank, 0.0) for rank in free}
+        # Work on a slowed rank takes longer: compare finish times, not worker-seconds.
+        speed = {rank: view.speed((rank,)) for rank in free}
         images = dict.fromkeys(free, 0)
         shares: dict[int, list[Request]] = {rank: [] for rank in free}
         for q in rnd.order:
             if q.location is not None or q.request_id in rnd.taken:
                 continue
-            open_ranks = [k for k in free if not shares[k] or images[k] + q.n <= rnd.view.max_batch_size]
+            accepting = [k for k in free if view.accepts_new(k, q)]
+            open_ranks = [k for k in accepting if not shares[k]
+                          or images[k] + q.n <= view.batch_limit(Stage.ENCODE, q.shape, (k,))]
             if not open_ranks:
-                break
-            rank = min(open_ranks, key=lambda k: (load[k], k in rnd.slow, k))
+                if accepting:
+                    break
+                continue
+            rank = min(open_ranks, key=lambda k: (load[k] / speed[k], k in rnd.slow, k))
             shares[rank].append(q)
             load[rank] += book.work_s(q)
             images[rank] += q.n
@@ -149,13 +173,13 @@ class EDFPolicy(Policy):
             rnd.load[rank] = rnd.load.get(rank, 0.0) + book.work_s(q)
         return rank, shares[rank]
 
-    def _followers(self, rnd: Round, leader: Request, fits: Any) -> list[Request]:
+    def _followers(self, rnd: Round, leader: Request, fits: Any, limit: int) -> list[Request]:
         """The leader and, in urgency order, idle requests that may share its task."""
         batch, images = [leader], leader.n
         for q in rnd.order:
             if q is leader or q.request_id in rnd.taken or not fits(q):
                 continue
-            if images + q.n > rnd.view.max_batch_size:
+            if images + q.n > limit:
                 continue
             batch.append(q)
             images += q.n
@@ -248,9 +272,12 @@ class EDFPolicy(Policy):
         prefer = tuple(draft.group) + tuple(draft.requests[0].location or ())
         current = self.task_s(rnd, draft, draft.group)
         best: tuple[tuple[int, ...], float] | None = None
+        shape = draft.requests[0].shape
         for d in targets:
             group = pick_group(pool, d, prefer, rnd.view.num_workers, rnd.slow) if d <= len(pool) else None
-            if group is None or not holds(group, draft.requests):
+            if group is None or not draft.reaches(group):
+                continue
+            if len(draft.requests) > 1 and draft.images > rnd.view.batch_limit(Stage.DENOISE, shape, group):
                 continue
             gain = current - self.task_s(rnd, draft, group)
             if gain <= 0:
