@@ -216,7 +216,7 @@ class TelemetrySampler:
 def summary(snapshot: Snapshot, reason: str | None = None) -> str:
     """One line for the start-up log: every device, or why there is no telemetry."""
     if not snapshot.devices:
-        return f"devices: no GPU telemetry ({reason or 'no devices reported'})"
+        return f"devices: no GPU telemetry: {reason or 'no devices reported'}"
     parts = []
     for index, d in sorted(snapshot.devices.items()):
         parts.append(f"{index} {d.name or 'GPU'} {d.memory_total / GiB:.1f} GiB ({d.memory_used / GiB:.1f} used, "
