@@ -48,6 +48,9 @@ class InterferenceRules:
         return min(1.0, max(self.min_speed, 1.0 - self.derate * foreign_util_percent / 100.0))
 
 
+DEFAULT_RULES = InterferenceRules()
+
+
 @dataclass(frozen=True)
 class DeviceState:
     """Per-rank inputs from telemetry; ranks missing from a map have no figures."""
@@ -66,7 +69,7 @@ class DeviceState:
 
 
 def device_state(snapshot: Snapshot, rank_devices: Mapping[int, int],
-                 rules: InterferenceRules = InterferenceRules()) -> DeviceState:
+                 rules: InterferenceRules = DEFAULT_RULES) -> DeviceState:
     """The scheduler's inputs for ``snapshot``; ``rank_devices`` maps rank -> NVML index."""
     speed: dict[int, float] = {}
     interfered = set()

@@ -109,8 +109,8 @@ class EDFPolicy(Policy):
     def _start(self, rnd: Round, r: Request) -> None:
         view = rnd.view
         if r.location is None:
-            if not any(view.accepts_new(rank, r) for rank in rnd.free):
-                return  # no free device has room for its state yet
+            if not any(self._may_encode(rnd, r, rank) for rank in rnd.free):
+                return  # no free device has room for its state, or time for it, yet
             rank, batch = self._encode_share(rnd, r)
             rnd.take(Draft(Stage.ENCODE, batch, (rank,)))
         elif r.denoised:
@@ -124,15 +124,40 @@ class EDFPolicy(Policy):
         elif any(rank in rnd.free for rank in r.location):  # else its holders are busy: it waits
             allowed = [d for d in rnd.degrees if d <= len(rnd.free)]
             degree = self.degree(rnd, r, allowed)
-            # State on one rank alone may leave it for a group without it (the rank sends),
-            # so a request encoded on a device now shared with a foreign job can move off.
-            group = pick_group(rnd.free, degree, r.location, view.num_workers, rnd.slow,
-                               may_move=len(r.location) == 1)
+            group = pick_group(rnd.free, degree, r.location, view.num_workers, rnd.slow)
+            if group is not None and view.speed(group) < 1.0:
+                group = self._off_slow(rnd, r, degree, group)
             if group is not None and holds(group, [r]):
                 rnd.take(Draft(Stage.DENOISE, [r], group))
             elif group is not None:
                 senders = frozenset(rank for rank in r.location if rank in rnd.free)
                 rnd.take(Draft(Stage.DENOISE, [r], group, senders))
+
+    def _off_slow(self, rnd: Round, r: Request, degree: int, group: tuple[int, ...]) -> tuple[int, ...]:
+        """A group of fast ranks for ``r`` if ``group`` is slowed (a device shared with a
+        foreign job) and would make it miss its deadline; its holder then sends the state.
+
+        Only state on one rank moves this way (then that rank is the sender); a request
+        that would meet its deadline anyway stays, leaving the fast ranks to others."""
+        book, view = rnd.book, rnd.view
+        speed = view.speed(group)
+        if (len(r.location or ()) != 1 or not book.has_deadline(r) or r.request_id in book.late
+                or book.slack(r, degree, speed=speed) >= 0):
+            return group
+        moved = pick_group(rnd.free, degree, r.location, view.num_workers, rnd.slow, may_move=True)
+        return moved if moved is not None and view.speed(moved) > speed else group
+
+    @staticmethod
+    def _may_encode(rnd: Round, q: Request, rank: int) -> bool:
+        """Whether ``rank`` may take ``q``'s new state: it has the memory, and, if slowed,
+        the request would still meet its deadline there. Where a request is encoded is
+        where it runs, so a tight request placed on a shared device would miss."""
+        if not rnd.view.accepts_new(rank, q):
+            return False
+        speed = rnd.view.speed((rank,))
+        book = rnd.book
+        return (speed >= 1.0 or not book.has_deadline(q) or q.request_id in book.late
+                or book.slack(q, 1, speed=speed) >= 0)
 
     def _encode_share(self, rnd: Round, leader: Request) -> tuple[int, list[Request]]:
         """Spread the new requests over the free ranks by the work each rank already holds
@@ -157,7 +182,7 @@ class EDFPolicy(Policy):
         for q in rnd.order:
             if q.location is not None or q.request_id in rnd.taken:
                 continue
-            accepting = [k for k in free if view.accepts_new(k, q)]
+            accepting = [k for k in free if self._may_encode(rnd, q, k)]
             open_ranks = [k for k in accepting if not shares[k]
                           or images[k] + q.n <= view.batch_limit(Stage.ENCODE, q.shape, (k,))]
             if not open_ranks:

@@ -11,7 +11,7 @@ its speed) come last. A group runs at its slowest member, so for a multi-rank gr
 avoiding them outranks stickiness: the group keeps a holder that is not slow when there
 is one (the state then migrates from it), and with ``may_move`` it may leave every
 holder out (a free holder sends the state, then drops it). A single rank stays with its
-holder: only it is slowed, and moving has its own cost.
+holder unless ``may_move``: only that request is slowed, and moving has its own cost.
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ def pick_group(free: Collection[int], degree: int, holders: Sequence[int] | None
         return sum(1 for r in range(start, min(start + width, size)) if r in free_set)
 
     if degree == 1:
-        # Holder, then not slow, then on the most occupied block (keeps free blocks whole).
+        # Holder, then not slow, then on the most occupied block (keeps free blocks whole);
+        # moving, not slow comes first.
         width = 2 if size > 1 else 1
+        if may_move:
+            return (min(free, key=lambda r: (r in slow, r not in holders, block_free(r, width), r)),)
         return (min(free, key=lambda r: (r not in holders, r in slow, block_free(r, width), r)),)
     free_holders = [r for r in holders if r in free_set]
     need_holder = bool(free_holders) and not may_move
