@@ -122,8 +122,9 @@ class StaticPolicy(FCFSPolicy):
         free = set(view.free_workers)
         waiting = sorted(view.waiting(), key=self.sort_key)
         plans: list[Plan] = []
-        avoided = view.avoided()
-        # Idle lanes on devices shared with a foreign job take new requests last.
+        # A multi-rank lane on a device shared with a foreign job runs at that device's
+        # pace: among equally loaded lanes, it takes new requests last.
+        avoided = view.avoided() if self.static_degree > 1 else set()
         for lane in sorted(self.lanes(view.num_workers),
                            key=lambda g: (sum(view.load(r) for r in g), not avoided.isdisjoint(g))):
             if not free.issuperset(lane):
