@@ -12,6 +12,7 @@ work start). NVML's initialisation and first sample run on a worker thread too, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -44,16 +45,16 @@ class DeviceMonitor:
         loop = asyncio.get_running_loop()
 
         def notify(_: Snapshot) -> None:
-            if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(on_sample)
 
-        if self._source is not None:
-            sampler = TelemetrySampler(Telemetry(self._source, our_pids), self.period_s, notify)
-            rank_devices = self._rank_devices if self._rank_devices is not None else {r: r for r in range(num_ranks)}
-        elif self.period_s <= 0 or device == "cpu":
+        if self.period_s <= 0 or (device == "cpu" and self._source is None):
             self._off_reason = "telemetry_period_s is 0" if self.period_s <= 0 else "the engine runs on cpu"
             logger.info("GPU telemetry off: %s", self._off_reason)
             return
+        if self._source is not None:
+            sampler = TelemetrySampler(Telemetry(self._source, our_pids), self.period_s, notify)
+            rank_devices = self._rank_devices if self._rank_devices is not None else {r: r for r in range(num_ranks)}
         else:
             sampler = await loop.run_in_executor(
                 None, lambda: TelemetrySampler.from_nvml(our_pids, self.period_s, notify))

@@ -47,6 +47,13 @@ async def test_telemetry_can_be_turned_off(caplog):
             await engine.shutdown()
     assert engine.device_summary() == "devices: no GPU telemetry: telemetry_period_s is 0"
     assert not any("NVML" in r.getMessage() for r in caplog.records)
+    given = FakeSource([DeviceStats(0, memory_used=0, memory_total=GiB, gpu_util=0.0, memory_util=0.0)])
+    engine = await AsyncEngine.create(model="tiny-pixart", device="cpu", executor="inprocess",
+                                      telemetry_period_s=0, telemetry_source=given)
+    try:
+        assert engine.devices.sampler is None and engine.devices.state().known is False
+    finally:
+        await engine.shutdown()
 
 
 async def test_the_sampler_thread_hands_new_readings_to_the_scheduler():
