@@ -56,14 +56,17 @@ class DeviceMonitor:
             sampler = TelemetrySampler(Telemetry(self._source, our_pids), self.period_s, notify)
             rank_devices = self._rank_devices if self._rank_devices is not None else {r: r for r in range(num_ranks)}
         else:
-            sampler = await loop.run_in_executor(
-                None, lambda: TelemetrySampler.from_nvml(our_pids, self.period_s, notify))
-            source = sampler.telemetry.source
-            rank_devices = {}
-            if self._rank_devices is not None:
-                rank_devices = self._rank_devices
-            elif source is not None and model_device.startswith("cuda"):
-                rank_devices = source.rank_devices(device, num_ranks)  # type: ignore[attr-defined]
+            def open_nvml() -> tuple[TelemetrySampler, dict[int, int]]:
+                sampler = TelemetrySampler.from_nvml(our_pids, self.period_s, notify)
+                source = sampler.telemetry.source
+                if self._rank_devices is not None:
+                    return sampler, self._rank_devices
+                if source is not None and model_device.startswith("cuda"):
+                    return sampler, source.rank_devices(device, num_ranks)  # type: ignore[attr-defined]
+                return sampler, {}
+
+            # NVML calls (init, UUID look-ups) stay off the loop.
+            sampler, rank_devices = await loop.run_in_executor(None, open_nvml)
         self._rank_devices = rank_devices
         self.sampler = sampler
         if sampler.available:

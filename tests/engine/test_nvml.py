@@ -8,6 +8,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
+from engine.device_monitor import DeviceMonitor
 from engine.nvml import NvmlSource, rank_ordinals, visible_entries
 from engine.telemetry import GiB, Telemetry, TelemetrySampler
 
@@ -113,3 +114,27 @@ def test_a_failing_init_gives_a_sampler_without_devices(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(fail_init=True))
     sampler = TelemetrySampler.from_nvml(our_pids=lambda: [])
     assert not sampler.available and "NVML Shared Library Not Found" in sampler.reason
+
+
+async def test_the_engine_monitor_maps_gpu_ranks_through_cuda_visible_devices(nvml, monkeypatch):
+    """Two GPU workers on CUDA_VISIBLE_DEVICES=2,1: rank 1 sits on NVML device 1, which a
+    foreign process shares at 70 %."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,1")
+    monitor = DeviceMonitor(0.01)
+    await monitor.start(device="auto", model_device="cuda:0", num_ranks=2, our_pids=lambda: [11, 12],
+                        on_sample=lambda: None)
+    try:
+        assert monitor.rank_devices == {0: 2, 1: 1}
+        state = monitor.state()
+        assert state.interfered == {1} and state.rank_speed == {1: pytest.approx(1 - 0.5 * 0.7)}
+        assert state.free_memory == {0: 137 * GiB, 1: 117 * GiB}
+        # Device 0 is not ours: its process (pid 10) counts as foreign there, unused by any rank.
+        assert monitor.summary() == ("devices: 0 NVIDIA H200 140.0 GiB (3.0 used, util 90%, 1 foreign); "
+                                     "1 NVIDIA H200 140.0 GiB (23.0 used, util 90%, 1 foreign); "
+                                     "2 NVIDIA H200 140.0 GiB (3.0 used, util 90%, 0 foreign)")
+    finally:
+        monitor.stop()
+    cpu_workers = DeviceMonitor(0.01)
+    await cpu_workers.start(device="auto", model_device="cpu", num_ranks=2, our_pids=list, on_sample=lambda: None)
+    cpu_workers.stop()
+    assert cpu_workers.rank_devices == {} and cpu_workers.state().known is False
