@@ -149,14 +149,18 @@ class EDFPolicy(Policy):
 
     @staticmethod
     def _may_encode(rnd: Round, q: Request, rank: int) -> bool:
-        """Whether ``rank`` may take ``q``'s new state: it has the memory, and, if slowed,
-        the request would still meet its deadline there. Where a request is encoded is
-        where it runs, so a tight request placed on a shared device would miss."""
-        if not rnd.view.accepts_new(rank, q):
+        """Whether ``rank`` may take ``q``'s new state: it has the memory, and, if slower
+        than another device, the request would still meet its deadline there. Where a
+        request is encoded is where it runs, so a tight request placed on a shared device
+        would miss; it waits for a faster one instead (or until it is late anyway)."""
+        view = rnd.view
+        if not view.accepts_new(rank, q):
             return False
-        speed = rnd.view.speed((rank,))
+        speed = view.speed((rank,))
+        fastest = max(view.speed((k,)) for k in range(view.num_workers))
         book = rnd.book
-        return (speed >= 1.0 or not book.has_deadline(q) or q.request_id in book.late
+        # With no faster device anywhere, waiting would not help.
+        return (speed >= fastest or not book.has_deadline(q) or q.request_id in book.late
                 or book.slack(q, 1, speed=speed) >= 0)
 
     def _encode_share(self, rnd: Round, leader: Request) -> tuple[int, list[Request]]:

@@ -214,3 +214,10 @@ def test_a_static_lane_with_an_interfered_device_takes_new_requests_last():
 
     assert first_lane(DeviceState()) == (0, 1)
     assert first_lane(devices([40] * 4, interfered={1})) == (2, 3)
+
+
+def test_when_every_device_is_slowed_tight_requests_still_start():
+    cm = h20()
+    tight = make_request("s", steps=50, shape=S, deadline_s=1.5 * 50 * cm.step_s(1024))
+    v = view([tight], [0, 1], num_workers=2, degrees=(1, 2), rank_speed={0: 0.5, 1: 0.5})
+    assert [p.stage for p in make_policy("edf", cost_model=cm).plan(v)] == [Stage.ENCODE]
