@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from engine.config import EngineConfig
+from engine.device_monitor import DeviceMonitor
 from engine.executor.base import Executor
 from engine.messages import ModelInfo, Stage, Task, TaskResult
 from engine.outputs import (
@@ -37,10 +39,12 @@ from engine.request import (
     check_prompt,
 )
 from engine.scheduler.cost_model import CostModel
+from engine.scheduler.memory import MemoryModel
 from engine.scheduler.policies import make_policy
 from engine.scheduler.profile import shipped_profile_for
 from engine.scheduler.scheduler import RequestUpdate, Scheduler, UpdateKind
 from engine.stats import EngineObserver, RequestStats, TaskStats
+from engine.telemetry import Source
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +105,12 @@ class AsyncEngine:
     >>> await engine.shutdown()
     """
 
-    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None, *,
+                 telemetry_source: Source | None = None) -> None:
+        """``telemetry_source``: read GPU telemetry from it (a FakeSource, say) instead of NVML."""
         self.config = config
         self.executor = executor or make_executor(config)
+        self.devices = DeviceMonitor(config.telemetry.telemetry_period_s, source=telemetry_source)
         self.model_info: ModelInfo | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._dispatch_pending = False
@@ -112,13 +119,14 @@ class AsyncEngine:
         self._idle.set()
         self.last_progress_time = time.monotonic()
         self._observers: list[EngineObserver] = []
-        # task id -> (task, images in it), kept only while someone observes.
-        self._observed_tasks: dict[int, tuple[Task, int]] = {}
+        # task id -> (task, images in it, predicted activation bytes), kept only while someone observes.
+        self._observed_tasks: dict[int, tuple[Task, int, int | None]] = {}
 
     @classmethod
-    async def create(cls, config: EngineConfig | None = None, **options: Any) -> AsyncEngine:
+    async def create(cls, config: EngineConfig | None = None, *, telemetry_source: Source | None = None,
+                     **options: Any) -> AsyncEngine:
         """Build and start an engine from a config or flat options (``model=``, ``max_batch_size=`` ...)."""
-        engine = cls(config or EngineConfig.create(**options))
+        engine = cls(config or EngineConfig.create(**options), telemetry_source=telemetry_source)
         await engine.start()
         return engine
 
@@ -131,8 +139,15 @@ class AsyncEngine:
             await self.executor.shutdown()
             raise
         self.model_info = info
+        await self.devices.start(device=self.config.model.device, model_device=info.device,
+                                 num_ranks=self.executor.num_workers, our_pids=self._our_pids,
+                                 on_sample=self._on_telemetry)
         logger.info("engine ready: %s on %d worker(s), policy %s", self.model_info.name,
                     self.executor.num_workers, self.scheduler.policy.name)
+
+    def _our_pids(self) -> list[int]:
+        """Our processes, for the telemetry thread: on a GPU, any other process is foreign."""
+        return [*self.executor.worker_pids().values(), os.getpid()]
 
     def _make_scheduler(self, info: ModelInfo) -> Scheduler:
         sched = self.config.scheduler
@@ -143,7 +158,8 @@ class AsyncEngine:
         policy = make_policy(sched.policy, cost_model=load_cost_model(sched.profile, info), **options)
         return Scheduler(policy, workers,
                          max_batch_size=sched.max_batch_size or default_max_batch_size(self.config.model.device),
-                         steps_per_task=sched.steps_per_task, max_retries=sched.max_retries, degrees=degrees)
+                         steps_per_task=sched.steps_per_task, max_retries=sched.max_retries, degrees=degrees,
+                         memory=MemoryModel(info.size_multiple))
 
     # ----- public API --------------------------------------------------------------
     @property
@@ -198,6 +214,10 @@ class AsyncEngine:
             if not done:
                 self._abort(request_id)
 
+    def device_summary(self) -> str:
+        """One line on the GPUs the engine sees (or why it sees none), for start-up logs."""
+        return self.devices.summary()
+
     def add_observer(self, observer: EngineObserver) -> None:
         """Report every finished task and ended request to ``observer`` (e.g. metrics)."""
         self._observers.append(observer)
@@ -224,6 +244,7 @@ class AsyncEngine:
                 self._observe_request(request, RequestStatus.ABORTED)
             self._end_stream(request_id, RequestAbortedError(request_id, "the engine is shutting down"))
         if self.model_info is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.devices.stop)
             await self.executor.shutdown()
 
     # ----- internals ---------------------------------------------------------------
@@ -236,14 +257,20 @@ class AsyncEngine:
         self._dispatch_pending = False
         if self._closed:
             return
+        self.scheduler.devices = self.devices.state()
         out = self.scheduler.schedule(time.monotonic())
         for rank, request_ids in out.frees:
             self.executor.free(rank, request_ids)
         for task in out.tasks:
             if self._observers:
                 images = sum(self.scheduler.requests[rid].n for rid in task.request_ids)
-                self._observed_tasks[task.task_id] = (task, images)
+                self._observed_tasks[task.task_id] = (task, images, self.scheduler.predict_activation(task))
             self.executor.submit(task)
+
+    def _on_telemetry(self) -> None:
+        """A new snapshot: held work may fit now (memory freed, a foreign job gone)."""
+        if self._streams:
+            self._kick()
 
     def _abort(self, request_id: str) -> None:
         update = self.scheduler.abort_request(request_id, time.monotonic())
@@ -305,15 +332,18 @@ class AsyncEngine:
         record = self._observed_tasks.get(result.task_id)
         if record is None or result.rank != record[0].group[0]:
             return
-        task, images = self._observed_tasks.pop(result.task_id)
+        task, images, predicted = self._observed_tasks.pop(result.task_id)
         steps = 1
         if task.stage == Stage.DENOISE:
             requests = self.scheduler.requests
             done = [item.step - requests[item.request_id].step for item in result.items
                     if item.request_id in requests and item.error is None]
             steps = max(done, default=0) or task.num_steps
+        measured = result.peak_memory_bytes > 0
         stats = TaskStats(task.stage, images, len(task.group), steps, result.elapsed_s,
-                          failed=result.error is not None)
+                          failed=result.error is not None, peak_memory_bytes=result.peak_memory_bytes,
+                          predicted_peak_bytes=result.start_memory_bytes + predicted
+                          if measured and predicted is not None else None)
         self._notify(lambda observer: observer.on_task(stats))
 
     def _observe_request(self, request: Request, status: RequestStatus) -> None:

@@ -57,16 +57,24 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    telemetry_period_s: float = 0.2
+    """Seconds between GPU telemetry (NVML) samples that shape placement and memory admission; 0 turns telemetry off."""
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def create(cls, **options: Any) -> EngineConfig:
         """Build from flat options; unknown names raise TypeError naming them."""
-        parts: dict[str, dict[str, Any]] = {"model": {}, "scheduler": {}, "parallel": {}, "limits": {}}
+        parts: dict[str, dict[str, Any]] = {"model": {}, "scheduler": {}, "parallel": {}, "telemetry": {},
+                                            "limits": {}}
         owners = _option_owners()
         unknown = []
         for name, value in options.items():
@@ -81,11 +89,13 @@ class EngineConfig:
             model=ModelConfig(**parts["model"]),
             scheduler=SchedulerConfig(**parts["scheduler"]),
             parallel=ParallelConfig(**parts["parallel"]),
+            telemetry=TelemetryConfig(**parts["telemetry"]),
             limits=Limits(**parts["limits"]),
         )
 
 
-_SECTIONS = {"model": ModelConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
+_SECTIONS = {"model": ModelConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig,
+             "telemetry": TelemetryConfig}
 _LIMIT_FIELDS = ("max_n", "max_size", "max_steps", "max_prompt_chars")
 _LIMIT_HELP = {
     "max_n": "Most images one request may ask for.",
@@ -109,7 +119,7 @@ def add_engine_args(parser: argparse.ArgumentParser, *, with_model: bool = True)
             if f.name == "model" and not with_model:
                 continue
             flag = "--" + f.name.replace("_", "-")
-            kind = int if "int" in str(f.type) else str
+            kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
             default = f.default
             group.add_argument(flag, dest=f.name, type=kind, default=None,
                                help=f"{_doc(cls, f.name)} (default: {default})")

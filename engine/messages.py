@@ -114,5 +114,10 @@ class TaskResult(msgspec.Struct, tag=True, **_WIRE):
     # Set when the whole task failed (every request in it fails with this message).
     error: str | None = None
     elapsed_s: float = 0.0
+    # Device memory on this rank (0 on CPU): allocated when the task began, the peak
+    # during it, and what the caching allocator held unused when it ended. Peak minus
+    # start is the task's activation memory, which the scheduler learns from.
     peak_memory_bytes: int = 0
+    start_memory_bytes: int = 0
+    cached_memory_bytes: int = 0
 

@@ -2,15 +2,19 @@
 
 A registry per engine (rather than prometheus_client's global one) lets several engines
 live in one process (tests, embedding applications) without name clashes. Gauges read the
-scheduler at scrape time, so they cannot drift from the engine's own book.
+scheduler at scrape time, so they cannot drift from the engine's own book; so do the
+per-device gauges, from the telemetry sampler's latest snapshot (``DeviceCollector``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from engine.messages import Stage
 from engine.stats import RequestStats, TaskStats
@@ -49,6 +53,16 @@ class EngineMetrics:
         self.stage_latency = Histogram("gfdit_task_latency_seconds", "One task, by stage.", ["stage"],
                                        buckets=STEP_BUCKETS, registry=r)
         self.images = Counter("gfdit_images_generated", "Images delivered.", registry=r)
+        self.peak_memory = Gauge("gfdit_task_peak_memory_bytes",
+                                 "Device memory of the last measured task by stage: the scheduler's predicted "
+                                 "peak and the worker's actual one.", ["stage", "kind"], registry=r)
+        self.underpredicted = Counter("gfdit_memory_underpredicted_tasks",
+                                      "Tasks whose actual memory peak exceeded the prediction.", registry=r)
+        self.admission_cuts = Gauge("gfdit_memory_admission_cut_requests",
+                                    "Requests memory admission held back from a planned task (since start).",
+                                    registry=r)
+        self.admission_cuts.set_function(lambda: engine.scheduler.admission_cuts)
+        r.register(DeviceCollector(engine))
         engine.add_observer(self)
 
     # ----- EngineObserver ------------------------------------------------------------
@@ -57,6 +71,12 @@ class EngineMetrics:
         if stats.stage == Stage.DENOISE and not stats.failed:
             self.step_latency.labels(str(stats.images), str(stats.degree)).observe(
                 stats.elapsed_s / max(stats.num_steps, 1))
+        if stats.peak_memory_bytes and stats.predicted_peak_bytes is not None:
+            stage = stats.stage.name.lower()
+            self.peak_memory.labels(stage, "predicted").set(stats.predicted_peak_bytes)
+            self.peak_memory.labels(stage, "actual").set(stats.peak_memory_bytes)
+            if stats.peak_memory_bytes > stats.predicted_peak_bytes:
+                self.underpredicted.inc()
 
     def on_request(self, stats: RequestStats) -> None:
         outcome = stats.status.name.lower()
@@ -74,3 +94,56 @@ class EngineMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# (name, help, value of a DeviceStats or None): the per-device gauges read from NVML.
+_DEVICE_GAUGES = (
+    ("memory_used_bytes", "Device memory in use (all processes).", lambda d: d.memory_used),
+    ("memory_total_bytes", "Device memory.", lambda d: d.memory_total),
+    ("gpu_utilization_percent", "Share of the last sample period a kernel ran.", lambda d: d.gpu_util),
+    ("memory_utilization_percent", "Share of the last sample period device memory was read or written.",
+     lambda d: d.memory_util),
+    ("power_watts", "Power draw.", lambda d: d.power_w),
+    ("temperature_celsius", "GPU temperature.", lambda d: d.temperature_c),
+    ("sm_clock_mhz", "SM clock.", lambda d: d.sm_clock_mhz),
+    ("throttle_reasons", "NVML clocks-event (throttle) reason bit mask; 0: none.", lambda d: d.throttle_reasons),
+)
+
+
+class DeviceCollector(Collector):
+    """Per-device gauges at scrape time from the telemetry sampler's latest snapshot, plus
+    what the scheduler makes of them: foreign processes, derated speed, interference."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        monitor = self.engine.devices
+        snapshot = monitor.snapshot()
+        state = monitor.state()
+        devices = sorted(snapshot.devices.items())
+        for name, doc, value in _DEVICE_GAUGES:
+            family = GaugeMetricFamily(f"gfdit_device_{name}", doc, labels=["device"])
+            for index, d in devices:
+                if value(d) is not None:
+                    family.add_metric([str(index)], float(value(d)))
+            yield family
+        foreign = GaugeMetricFamily("gfdit_device_foreign_processes", "Processes on the device that are not "
+                                    "gfdit's workers.", labels=["device"])
+        for index, _ in devices:
+            foreign.add_metric([str(index)], float(len(snapshot.foreign.get(index, []))))
+        yield foreign
+        speed = GaugeMetricFamily("gfdit_rank_speed", "Relative speed the scheduler gives each worker rank "
+                                  "(1 nominal; derated while its device is shared).", labels=["rank", "device"])
+        interfered = GaugeMetricFamily("gfdit_rank_interfered", "1 while the rank's device runs a foreign process.",
+                                       labels=["rank", "device"])
+        headroom = GaugeMetricFamily("gfdit_rank_free_memory_bytes", "Free memory on the rank's device.",
+                                     labels=["rank", "device"])
+        for rank, index in sorted(monitor.rank_devices.items()):
+            if rank not in state.total_memory:
+                continue
+            labels = [str(rank), str(index)]
+            speed.add_metric(labels, state.rank_speed.get(rank, 1.0))
+            interfered.add_metric(labels, float(rank in state.interfered))
+            headroom.add_metric(labels, float(state.free_memory[rank]))
+        yield from (speed, interfered, headroom)

@@ -27,6 +27,10 @@ class TaskStats:
     # Time the group leader spent on the task, as the worker measured it.
     elapsed_s: float
     failed: bool = False
+    # Device memory on the leader (0 and None on CPU): the measured peak, and the peak the
+    # scheduler predicted (memory held when the task began + predicted activations).
+    peak_memory_bytes: int = 0
+    predicted_peak_bytes: int | None = None
 
 
 @dataclass(frozen=True)

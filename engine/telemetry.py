@@ -1,18 +1,18 @@
 """GPU telemetry: a sampler thread reads NVML and publishes per-device snapshots.
 
 NVML is read from a thread of the engine process, never from the event loop, and never
-through CUDA (NVML does not create a CUDA context). Processes on a device that are not
-gfdit's workers are "foreign": a DiT step on a GPU shared with another job runs slower,
-and one slow member stalls a whole sequence-parallel group, so the scheduler avoids such
-devices for groups and derates their speed. Where NVML is missing (a CPU machine) or
-fails, the sampler says so once in the log and reports no devices; nothing else breaks.
+through CUDA (NVML does not create a CUDA context; engine/nvml.py). Processes on a device
+that are not gfdit's workers are "foreign": a DiT step on a GPU shared with another job
+runs slower, and one slow member stalls a whole sequence-parallel group, so the scheduler
+avoids such devices for groups and derates their speed (engine/scheduler/device_state.py).
+Where NVML is missing (a CPU machine) or fails, the sampler says so once in the log and
+reports no devices; nothing else breaks.
 
 ``FakeSource`` replays scripted readings over time, for tests and the simulator.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -22,20 +22,25 @@ from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
+GiB = 1 << 30
+
 
 @dataclass(frozen=True)
 class DeviceStats:
-    index: int
+    index: int  # NVML device index
     memory_used: int
     memory_total: int
     gpu_util: float  # percent of time a kernel ran, last sample period
     memory_util: float
-    # pid -> bytes used on the device, for every compute process NVML sees.
+    # pid -> bytes used on the device, for every compute (or graphics) process NVML sees.
     processes: dict[int, int] = field(default_factory=dict)
+    # pid -> SM utilisation (%) of each process, where the driver keeps per-process samples.
+    process_util: dict[int, float] = field(default_factory=dict)
+    name: str = ""
     power_w: float | None = None
     temperature_c: float | None = None
     sm_clock_mhz: int | None = None
-    throttle_reasons: int = 0
+    throttle_reasons: int = 0  # NVML's clocks-event-reason bit mask
 
     @property
     def free_memory(self) -> int:
@@ -45,6 +50,14 @@ class DeviceStats:
         mine = set(ours)
         return sorted(pid for pid in self.processes if pid not in mine)
 
+    def foreign_load(self, foreign: list[int]) -> float:
+        """Utilisation (%) the foreign processes cause: their own SM samples where NVML has
+        them, else the whole device's (which also counts our workers' kernels, so it
+        overestimates while ours run)."""
+        if self.process_util:
+            return min(100.0, sum(self.process_util.get(pid, 0.0) for pid in foreign))
+        return self.gpu_util
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -53,7 +66,7 @@ class Snapshot:
     time: float
     devices: dict[int, DeviceStats]
     foreign: dict[int, list[int]]  # device -> foreign pids
-    # device -> moving average of utilisation while foreign processes were present.
+    # device -> moving average of the foreign load while foreign processes were present.
     foreign_util: dict[int, float]
 
     @classmethod
@@ -69,52 +82,6 @@ class Source(Protocol):
     def read(self, now: float) -> list[DeviceStats]: ...
 
 
-class NvmlSource:
-    """Reads every visible GPU through nvidia-ml-py."""
-
-    def __init__(self) -> None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, ImportError ...
-            raise TelemetryUnavailable(f"NVML is not available ({exc})") from exc
-        self.nvml = pynvml
-        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-
-    def _optional(self, call: Callable[[], float]) -> float | None:
-        try:
-            return call()
-        except self.nvml.NVMLError:
-            return None
-
-    def read(self, now: float) -> list[DeviceStats]:
-        nvml = self.nvml
-        out = []
-        for index, handle in enumerate(self.handles):
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            util = nvml.nvmlDeviceGetUtilizationRates(handle)
-            try:
-                procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-            except nvml.NVMLError:
-                procs = []
-            power = self._optional(lambda h=handle: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0)
-            temp = self._optional(lambda h=handle: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU))
-            clock = self._optional(lambda h=handle: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM))
-            throttle = self._optional(lambda h=handle: nvml.nvmlDeviceGetCurrentClocksThrottleReasons(h))
-            out.append(DeviceStats(
-                index=index, memory_used=int(memory.used), memory_total=int(memory.total),
-                gpu_util=float(util.gpu), memory_util=float(util.memory),
-                processes={int(p.pid): int(p.usedGpuMemory or 0) for p in procs},
-                power_w=power, temperature_c=temp, sm_clock_mhz=None if clock is None else int(clock),
-                throttle_reasons=int(throttle or 0)))
-        return out
-
-    def close(self) -> None:
-        with contextlib.suppress(self.nvml.NVMLError):
-            self.nvml.nvmlShutdown()
-
-
 @dataclass(frozen=True)
 class Reading:
     """A scripted change to one device during [start, end): fields of DeviceStats to override."""
@@ -125,6 +92,7 @@ class Reading:
     memory_used: int | None = None
     gpu_util: float | None = None
     processes: dict[int, int] | None = None
+    process_util: dict[int, float] | None = None
 
 
 class FakeSource:
@@ -142,7 +110,8 @@ class FakeSource:
                 if reading.device == device.index and reading.start <= now < reading.end:
                     changes = {k: v for k, v in (("memory_used", reading.memory_used),
                                                  ("gpu_util", reading.gpu_util),
-                                                 ("processes", reading.processes)) if v is not None}
+                                                 ("processes", reading.processes),
+                                                 ("process_util", reading.process_util)) if v is not None}
                     stats = replace(stats, **changes)
             out.append(stats)
         return out
@@ -157,7 +126,7 @@ class Telemetry:
         self.our_pids = our_pids
         self.smoothing = smoothing
         self.latest = Snapshot.empty()
-        self._failed = False
+        self.error: str | None = None  # why the source stopped, once it has
 
     def sample(self, now: float) -> Snapshot:
         if self.source is None:
@@ -165,9 +134,9 @@ class Telemetry:
         try:
             devices = self.source.read(now)
         except Exception as exc:  # noqa: BLE001 - telemetry must never take the engine down
-            if not self._failed:
+            if self.error is None:
                 logger.warning("GPU telemetry stopped: %s; scheduling goes on without it", exc)
-                self._failed = True
+                self.error = str(exc)
             self.latest = Snapshot(now, {}, {}, {})
             return self.latest
         ours = set(self.our_pids())
@@ -176,36 +145,50 @@ class Telemetry:
         foreign_util = {}
         for d in devices:
             if foreign[d.index]:
-                before = previous.get(d.index, d.gpu_util)
-                foreign_util[d.index] = (1 - self.smoothing) * before + self.smoothing * d.gpu_util
+                load = d.foreign_load(foreign[d.index])
+                before = previous.get(d.index, load)
+                foreign_util[d.index] = (1 - self.smoothing) * before + self.smoothing * load
         self.latest = Snapshot(now, {d.index: d for d in devices}, foreign, foreign_util)
         return self.latest
 
 
 class TelemetrySampler:
-    """A daemon thread sampling every ``period_s``; ``snapshot()`` is safe from any thread."""
+    """A daemon thread sampling every ``period_s``; ``snapshot()`` is safe from any thread.
+
+    ``reason`` says why there is no telemetry (no source, or the source failed)."""
 
     def __init__(self, telemetry: Telemetry, period_s: float = 0.2,
-                 on_sample: Callable[[Snapshot], None] | None = None) -> None:
+                 on_sample: Callable[[Snapshot], None] | None = None, reason: str | None = None) -> None:
         self.telemetry = telemetry
         self.period_s = period_s
         self.on_sample = on_sample
+        self._reason = reason
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gfdit-telemetry", daemon=True)
 
     @classmethod
     def from_nvml(cls, our_pids: Callable[[], Iterable[int]], period_s: float = 0.2,
                   on_sample: Callable[[Snapshot], None] | None = None) -> TelemetrySampler:
+        """NVML's sampler, or one that reports nothing (said once in the log) without NVML.
+        NVML's initialisation can take a while: call this off the event loop."""
+        from engine.nvml import NvmlSource
+
         try:
             source: Source | None = NvmlSource()
+            reason = None
         except TelemetryUnavailable as exc:
+            reason = str(exc)
             logger.info("GPU telemetry off: %s", exc)
             source = None
-        return cls(Telemetry(source, our_pids), period_s, on_sample)
+        return cls(Telemetry(source, our_pids), period_s, on_sample, reason)
 
     @property
     def available(self) -> bool:
         return self.telemetry.source is not None
+
+    @property
+    def reason(self) -> str | None:
+        return self._reason or self.telemetry.error
 
     def start(self) -> None:
         if self.available:
@@ -225,6 +208,17 @@ class TelemetrySampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
-        source = self.telemetry.source
-        if isinstance(source, NvmlSource):
-            source.close()
+        close = getattr(self.telemetry.source, "close", None)
+        if close is not None:
+            close()
+
+
+def summary(snapshot: Snapshot, reason: str | None = None) -> str:
+    """One line for the start-up log: every device, or why there is no telemetry."""
+    if not snapshot.devices:
+        return f"devices: no GPU telemetry: {reason or 'no devices reported'}"
+    parts = []
+    for index, d in sorted(snapshot.devices.items()):
+        parts.append(f"{index} {d.name or 'GPU'} {d.memory_total / GiB:.1f} GiB ({d.memory_used / GiB:.1f} used, "
+                     f"util {d.gpu_util:.0f}%, {len(snapshot.foreign.get(index, []))} foreign)")
+    return "devices: " + "; ".join(parts)

@@ -57,6 +57,7 @@ async def serve(engine_options: dict[str, Any], config: ServerConfig) -> None:
     from entrypoints.api_server import APIServer
 
     engine = await AsyncEngine.create(**engine_options)
+    logger.info("%s", engine.device_summary())
     try:
         server = APIServer(engine, config)
         await server.start()

@@ -3,9 +3,22 @@
     gfdit simulate                                   # 4 GPUs, H20 Qwen-Image, S/M/L at load 1.1
     gfdit simulate --num-gpus 8 --load 0.8 --duration 1800 --json sim.json
     gfdit simulate --profile cpu_small_pixart --num-gpus 2 --workload wl.jsonl --saturate 0
+    gfdit simulate --load 0.8 --interference 1:600:2400 --policies static-1,fcfs,edf,elastic
 
 The real scheduler and policies run against a virtual clock; workers are replaced by the
 cost model of ``--profile``. Pure Python: no torch, no GPU.
+
+``--interference GPU:START:END[:UTIL]`` shares one GPU with a foreign job (UTIL %, default
+100) for a window (engine/sim/interference.py). The GPU runs slower in the window in
+every run; each policy runs twice, blind (the scheduler knows nothing) and with
+telemetry (scripted NVML readings, sampled every ``--telemetry-period`` s), and the
+output ends with both side by side. The JSON then also holds, under ``policies``, the
+telemetry runs as ``<policy>+telemetry``, every run with ``window_slo_attainment`` (the
+requests that arrived in the window), and an ``interference`` object: ``gpu``,
+``start_s``, ``end_s``, ``util``, ``speed`` (the shared GPU's speed in the window),
+``telemetry_period_s``, and ``policies``: per policy, ``blind`` and ``telemetry``, each
+with ``slo_attainment``, ``window_slo_attainment``, ``mean_latency_s`` and
+``p95_latency_s``.
 """
 
 from __future__ import annotations
@@ -46,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flat cost per state migration (default: the profile's model)")
     parser.add_argument("--jitter", type=float, default=0.0,
                         help="log-normal sigma on every task time (0: exactly the cost model)")
+    parser.add_argument("--interference", default=None,
+                        help="GPU:START:END[:UTIL]: a foreign job at UTIL %% (default 100) shares GPU from START to "
+                             "END s; every policy runs blind and with telemetry, side by side")
+    parser.add_argument("--telemetry-period", type=float, default=0.2,
+                        help="seconds between the simulated telemetry samples with --interference (default: 0.2)")
     parser.add_argument("--json", default=None, help="write the figures here")
 
 
@@ -54,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.scheduler.profile import ProfileError
     from engine.sim.experiment import (
         PAPER,
+        PolicyResult,
         PolicySpec,
         average,
         compare,
@@ -61,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         run_policies,
         saturation_bound,
     )
+    from engine.sim.interference import Interference, SimulatedTelemetry
     from engine.sim.report import finite
     from engine.sim.workload import (
         DEFAULT_CLASSES,
@@ -76,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
         classes = ([RequestClass.parse(c) for c in args.classes.split(",")] if args.classes
                    else list(DEFAULT_CLASSES))
         phases = Phase.parse_list(args.phases) if args.phases else [Phase(args.duration, args.load)]
+        interference = Interference.parse(args.interference) if args.interference else None
+        if interference is not None and interference.gpu >= args.num_gpus:
+            raise ValueError(f"--interference: GPU {interference.gpu} is not one of the {args.num_gpus} GPUs")
+        if args.telemetry_period <= 0:
+            raise ValueError("--telemetry-period must be > 0")
     except (ProfileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -98,15 +123,31 @@ def run(args: argparse.Namespace) -> int:
             window = sum(p.duration_s for p in phases)
         saturated = generate(classes, cm, num_gpus=args.num_gpus, saturate=args.saturate, steps=args.steps,
                              seed=seed) if args.saturate else []
+        options = {"max_batch_size": args.max_batch_size, "jitter": args.jitter, "seed": seed}
         try:
-            results = run_policies(specs, cm, args.num_gpus, workload, saturated,
-                                   max_batch_size=args.max_batch_size, jitter=args.jitter, seed=seed)
+            if interference is None:
+                results = run_policies(specs, cm, args.num_gpus, workload, saturated, **options)
+                runs.append({r.spec.label: r.to_dict() for r in results})
+            else:
+                shared = interference.shared_device()
+                blind = run_policies(specs, cm, args.num_gpus, workload, saturated, speed=shared, **options)
+                aware = run_policies(specs, cm, args.num_gpus, workload, saturated, speed=shared, **options,
+                                     make_observe=lambda: SimulatedTelemetry(
+                                         interference.source(args.num_gpus), args.num_gpus, args.telemetry_period))
+
+                def figures_of(result: PolicyResult) -> dict:
+                    out = result.to_dict()
+                    if result.loaded is not None:
+                        out["window_slo_attainment"] = interference.window_attainment(result.loaded.records)
+                    return out
+
+                runs.append({**{r.spec.label: figures_of(r) for r in blind},
+                             **{f"{r.spec.label}+telemetry": figures_of(r) for r in aware}})
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        runs.append({r.spec.label: r.to_dict() for r in results})
         loads.append(offered_load(workload, cm, args.num_gpus, window))
-    figures = {spec.label: average([run[spec.label] for run in runs]) for spec in specs}
+    figures = {label: average([run[label] for run in runs]) for label in runs[0]}
     if len(seeds) > 1:
         for label, f in figures.items():
             f["per_seed"] = [run[label] for run in runs]
@@ -129,10 +170,11 @@ def run(args: argparse.Namespace) -> int:
         for label in ("elastic", "edf"):
             if label in figures:
                 comparisons[label] = compare(figures[label], figures[baseline])
-                statics = [f for name, f in figures.items() if name.startswith("static-")]
+                statics = [f for name, f in figures.items() if name.startswith("static-") and "+" not in name]
                 best = all(figures[label]["slo_attainment"] > f["slo_attainment"] for f in statics)
                 comparisons[label]["best_slo_attainment_vs_static"] = best
                 _print_comparison(label, baseline, comparisons[label], bound, PAPER)
+    side_by_side = _interference(interference, specs, figures) if interference is not None else None
     if args.json:
         out = {
             "config": {"profile": args.profile, "num_gpus": args.num_gpus, "degrees": list(degrees),
@@ -146,6 +188,11 @@ def run(args: argparse.Namespace) -> int:
             "saturated_throughput_bound_x": bound,
             "paper": PAPER,
         }
+        if side_by_side is not None:
+            out["interference"] = {"gpu": interference.gpu, "start_s": interference.start_s,
+                                   "end_s": interference.end_s, "util": interference.util,
+                                   "speed": interference.speed(), "telemetry_period_s": args.telemetry_period,
+                                   "policies": side_by_side}
         Path(args.json).write_text(json.dumps(finite(out), indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
@@ -187,6 +234,30 @@ def _print_comparison(label: str, baseline: str, c: dict, bound: float, paper: d
     most = "" if math.isnan(bound) else f"   (the most this profile and mix allow: {bound:.2f}x)"
     print(f"  saturated throughput      {x('saturated_throughput_x')}    >= 3.00x   {paper['throughput_x']:.2f}x{most}")
     print(f"  best SLO attainment vs every static: {'yes' if c['best_slo_attainment_vs_static'] else 'no'}")
+
+
+def _interference(interference, specs, figures: dict[str, dict]) -> dict[str, dict]:
+    """Print each policy blind and with telemetry side by side; return the same figures."""
+    keys = ("slo_attainment", "window_slo_attainment", "mean_latency_s", "p95_latency_s")
+    print(f"\ninterference: GPU {interference.gpu} shared with a foreign job at {interference.util:g} % "
+          f"from {interference.start_s:g} s to {interference.end_s:g} s (it runs at {interference.speed():.2f}x)")
+    head = ["policy", "SLO blind", "SLO telemetry", "in window blind", "in window telemetry",
+            "mean s blind", "mean s telemetry"]
+    rows, out = [head], {}
+    for spec in specs:
+        blind, aware = figures[spec.label], figures[f"{spec.label}+telemetry"]
+        if "slo_attainment" not in blind:
+            continue
+        out[spec.label] = {"blind": {k: blind[k] for k in keys}, "telemetry": {k: aware[k] for k in keys}}
+        rows.append([spec.label, _pct(blind["slo_attainment"]), _pct(aware["slo_attainment"]),
+                     _pct(blind["window_slo_attainment"]), _pct(aware["window_slo_attainment"]),
+                     f"{blind['mean_latency_s']:.1f}", f"{aware['mean_latency_s']:.1f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    for k, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    return out
 
 
 def _pct(value: float) -> str:

@@ -46,3 +46,7 @@ class Executor(ABC):
     @property
     def healthy(self) -> bool:
         return True
+
+    def worker_pids(self) -> dict[int, int]:
+        """rank -> process id of each live worker (telemetry counts other processes as foreign)."""
+        return {}

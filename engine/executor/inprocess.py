@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 
 from engine.executor.base import Executor, FailureCallback, RestartCallback, ResultCallback
 from engine.executor.worker import Worker
@@ -30,6 +31,9 @@ class InProcessExecutor(Executor):
         backend = resolve_attention_backend(model.attention_backend, adapter.device)
         self._worker = Worker(0, adapter, attention_backend=backend)
         return adapter.info()
+
+    def worker_pids(self) -> dict[int, int]:
+        return {0: os.getpid()}
 
     def submit(self, task: Task) -> None:
         future = self._thread.submit(self._worker.execute, task)

@@ -51,8 +51,10 @@ class Worker:
 
     def execute(self, task: Task) -> TaskResult:
         start = time.perf_counter()
-        if self.adapter.device.type == "cuda":
+        on_gpu = self.adapter.device.type == "cuda"
+        if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.adapter.device)
+        resident = torch.cuda.memory_allocated(self.adapter.device) if on_gpu else 0
         try:
             run_migrations(task, self.rank, self.states, self.adapter, self.sp.comm)
             lead = task.group[0] == self.rank
@@ -76,9 +78,12 @@ class Worker:
             self.free(task.request_ids)
             return TaskResult(task.task_id, self.rank, error=f"{type(exc).__name__}: {exc}",
                               elapsed_s=time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated(self.adapter.device) if self.adapter.device.type == "cuda" else 0
+        peak = cached = 0
+        if on_gpu:
+            peak = torch.cuda.max_memory_allocated(self.adapter.device)
+            cached = torch.cuda.memory_reserved(self.adapter.device) - torch.cuda.memory_allocated(self.adapter.device)
         return TaskResult(task.task_id, self.rank, items, elapsed_s=time.perf_counter() - start,
-                          peak_memory_bytes=peak)
+                          peak_memory_bytes=peak, start_memory_bytes=resident, cached_memory_bytes=max(cached, 0))
 
     def free(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -19,7 +19,7 @@ an idle request could use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.messages import Stage
@@ -37,10 +37,16 @@ class Draft:
     stage: Stage
     requests: list[Request]
     group: tuple[int, ...]
+    # Free holders outside the group that send a request's state to it (then drop it).
+    senders: frozenset[int] = field(default_factory=frozenset)
 
     @property
     def images(self) -> int:
         return sum(r.n for r in self.requests)
+
+    def reaches(self, group: tuple[int, ...]) -> bool:
+        """Whether every request's state is in ``group`` or with one of the senders."""
+        return holds(tuple(group) + tuple(self.senders), self.requests)
 
     def plan(self, steps_per_task: int) -> Plan:
         steps = steps_per_task if self.stage == Stage.DENOISE else 1
@@ -63,6 +69,7 @@ class Round:
 
     def take(self, draft: Draft) -> None:
         self.free.difference_update(draft.group)
+        self.free.difference_update(draft.senders)
         self.taken.update(r.request_id for r in draft.requests)
         self.drafts.append(draft)
 
@@ -88,7 +95,7 @@ class EDFPolicy(Policy):
         degrees = tuple(d for d in view.degrees if d in self.cost_model.degrees) or (1,)
         book = DeadlineBook(self.cost_model, view, degrees, slo_factor=self.slo_factor)
         rnd = Round(view, book, degrees, set(view.free_workers), book.ordered(view.requests), [], set(),
-                    {rank for rank, speed in view.rank_speed.items() if speed < 1.0})
+                    view.avoided())
         for r in rnd.order:
             if not rnd.free:
                 break
@@ -102,20 +109,59 @@ class EDFPolicy(Policy):
     def _start(self, rnd: Round, r: Request) -> None:
         view = rnd.view
         if r.location is None:
+            if not any(self._may_encode(rnd, r, rank) for rank in rnd.free):
+                return  # no free device has room for its state, or time for it, yet
             rank, batch = self._encode_share(rnd, r)
             rnd.take(Draft(Stage.ENCODE, batch, (rank,)))
         elif r.denoised:
             holders = [rank for rank in r.location if rank in rnd.free]
             if holders:
                 same = r.location
-                batch = self._followers(rnd, r, lambda q: q.denoised and q.location == same and q.shape == r.shape)
+                limit = view.batch_limit(Stage.DECODE, r.shape, (holders[0],))
+                batch = self._followers(rnd, r, lambda q: q.denoised and q.location == same and q.shape == r.shape,
+                                        limit)
                 rnd.take(Draft(Stage.DECODE, batch, (holders[0],)))
         elif any(rank in rnd.free for rank in r.location):  # else its holders are busy: it waits
             allowed = [d for d in rnd.degrees if d <= len(rnd.free)]
             degree = self.degree(rnd, r, allowed)
             group = pick_group(rnd.free, degree, r.location, view.num_workers, rnd.slow)
+            if group is not None and view.speed(group) < 1.0:
+                group = self._off_slow(rnd, r, degree, group)
             if group is not None and holds(group, [r]):
                 rnd.take(Draft(Stage.DENOISE, [r], group))
+            elif group is not None:
+                senders = frozenset(rank for rank in r.location if rank in rnd.free)
+                rnd.take(Draft(Stage.DENOISE, [r], group, senders))
+
+    def _off_slow(self, rnd: Round, r: Request, degree: int, group: tuple[int, ...]) -> tuple[int, ...]:
+        """A group of fast ranks for ``r`` if ``group`` is slowed (a device shared with a
+        foreign job) and would make it miss its deadline; its holder then sends the state.
+
+        Only state on one rank moves this way (then that rank is the sender); a request
+        that would meet its deadline anyway stays, leaving the fast ranks to others."""
+        book, view = rnd.book, rnd.view
+        speed = view.speed(group)
+        if (len(r.location or ()) != 1 or not book.has_deadline(r) or r.request_id in book.late
+                or book.slack(r, degree, speed=speed) >= 0):
+            return group
+        moved = pick_group(rnd.free, degree, r.location, view.num_workers, rnd.slow, may_move=True)
+        return moved if moved is not None and view.speed(moved) > speed else group
+
+    @staticmethod
+    def _may_encode(rnd: Round, q: Request, rank: int) -> bool:
+        """Whether ``rank`` may take ``q``'s new state: it has the memory, and, if slower
+        than another device, the request would still meet its deadline there. Where a
+        request is encoded is where it runs, so a tight request placed on a shared device
+        would miss; it waits for a faster one instead (or until it is late anyway)."""
+        view = rnd.view
+        if not view.accepts_new(rank, q):
+            return False
+        speed = view.speed((rank,))
+        fastest = max(view.speed((k,)) for k in range(view.num_workers))
+        book = rnd.book
+        # With no faster device anywhere, waiting would not help.
+        return (speed >= fastest or not book.has_deadline(q) or q.request_id in book.late
+                or book.slack(q, 1, speed=speed) >= 0)
 
     def _encode_share(self, rnd: Round, leader: Request) -> tuple[int, list[Request]]:
         """Spread the new requests over the free ranks by the work each rank already holds
@@ -130,17 +176,24 @@ class EDFPolicy(Policy):
             for r in [*rnd.view.requests, *rnd.view.running]:
                 for rank in r.location or ():
                     rnd.load[rank] = rnd.load.get(rank, 0.0) + book.work_s(r) / len(r.location)
+        view = rnd.view
         free = sorted(rnd.free)
         load = {rank: rnd.load.get(rank, 0.0) for rank in free}
+        # Work on a slowed rank takes longer: compare finish times, not worker-seconds.
+        speed = {rank: view.speed((rank,)) for rank in free}
         images = dict.fromkeys(free, 0)
         shares: dict[int, list[Request]] = {rank: [] for rank in free}
         for q in rnd.order:
             if q.location is not None or q.request_id in rnd.taken:
                 continue
-            open_ranks = [k for k in free if not shares[k] or images[k] + q.n <= rnd.view.max_batch_size]
+            accepting = [k for k in free if self._may_encode(rnd, q, k)]
+            open_ranks = [k for k in accepting if not shares[k]
+                          or images[k] + q.n <= view.batch_limit(Stage.ENCODE, q.shape, (k,))]
             if not open_ranks:
-                break
-            rank = min(open_ranks, key=lambda k: (load[k], k in rnd.slow, k))
+                if accepting:
+                    break
+                continue
+            rank = min(open_ranks, key=lambda k: (load[k] / speed[k], k in rnd.slow, k))
             shares[rank].append(q)
             load[rank] += book.work_s(q)
             images[rank] += q.n
@@ -149,13 +202,13 @@ class EDFPolicy(Policy):
             rnd.load[rank] = rnd.load.get(rank, 0.0) + book.work_s(q)
         return rank, shares[rank]
 
-    def _followers(self, rnd: Round, leader: Request, fits: Any) -> list[Request]:
+    def _followers(self, rnd: Round, leader: Request, fits: Any, limit: int) -> list[Request]:
         """The leader and, in urgency order, idle requests that may share its task."""
         batch, images = [leader], leader.n
         for q in rnd.order:
             if q is leader or q.request_id in rnd.taken or not fits(q):
                 continue
-            if images + q.n > rnd.view.max_batch_size:
+            if images + q.n > limit:
                 continue
             batch.append(q)
             images += q.n
@@ -248,9 +301,12 @@ class EDFPolicy(Policy):
         prefer = tuple(draft.group) + tuple(draft.requests[0].location or ())
         current = self.task_s(rnd, draft, draft.group)
         best: tuple[tuple[int, ...], float] | None = None
+        shape = draft.requests[0].shape
         for d in targets:
             group = pick_group(pool, d, prefer, rnd.view.num_workers, rnd.slow) if d <= len(pool) else None
-            if group is None or not holds(group, draft.requests):
+            if group is None or not draft.reaches(group):
+                continue
+            if len(draft.requests) > 1 and draft.images > rnd.view.batch_limit(Stage.DENOISE, shape, group):
                 continue
             gain = current - self.task_s(rnd, draft, group)
             if gain <= 0:

@@ -63,7 +63,9 @@ class ElasticPolicy(EDFPolicy):
         ``1 - min_batch_gain`` of its own most efficient step and no on-time member of the
         batch would then miss its deadline."""
         book = rnd.book
-        if draft.requests[0].shape != q.shape or draft.images + q.n > rnd.view.max_batch_size:
+        if draft.requests[0].shape != q.shape or draft.senders:
+            return None
+        if draft.images + q.n > rnd.view.batch_limit(Stage.DENOISE, q.shape, draft.group):
             return None
         grown = Draft(draft.stage, [*draft.requests, q], draft.group)
         width = len(draft.group)

@@ -24,6 +24,10 @@ class FCFSPolicy(Policy):
        urgent one, each request at its own step.
     Requests of other shapes wait for their own turn: the most urgent request's shape
     always runs next, so no shape starves.
+
+    With telemetry, batches are capped by memory (``SchedulerView.batch_limit``), new
+    requests skip ranks that cannot take their state (``accepts_new``), and a rank's load
+    counts as load / speed, so a device shared with a foreign job gets fewer of them.
     """
 
     name = "fcfs"
@@ -37,7 +41,7 @@ class FCFSPolicy(Policy):
         for rank in sorted(view.free_workers, key=view.load):
             ready = sorted(view.on_rank(rank, denoised=True), key=self.sort_key)
             if ready:
-                batch = take_batch(ready, ready[0].shape, view.max_batch_size)
+                batch = take_batch(ready, ready[0].shape, view.batch_limit(Stage.DECODE, ready[0].shape, (rank,)))
                 plans.append(Plan(Stage.DECODE, [r.request_id for r in batch], (rank,)))
             else:
                 idle.append(rank)
@@ -50,7 +54,8 @@ class FCFSPolicy(Policy):
                 plans.append(Plan(Stage.ENCODE, [r.request_id for r in encode_for[rank]], (rank,)))
                 continue
             if running[rank]:
-                batch = take_batch(running[rank], running[rank][0].shape, view.max_batch_size)
+                shape = running[rank][0].shape
+                batch = take_batch(running[rank], shape, view.batch_limit(Stage.DENOISE, shape, (rank,)))
                 plans.append(Plan(Stage.DENOISE, [r.request_id for r in batch], (rank,),
                                   view.steps_per_task))
         return plans
@@ -61,12 +66,17 @@ class FCFSPolicy(Policy):
         if not ranks:
             return placed
         load = {rank: view.load(rank) for rank in ranks}
+        speed = {rank: view.speed((rank,)) for rank in ranks}
         encoded = dict.fromkeys(ranks, 0)
         for request in sorted(view.waiting(), key=self.sort_key):
-            open_ranks = [r for r in ranks if not placed[r] or encoded[r] + request.n <= view.max_batch_size]
+            accepting = [r for r in ranks if view.accepts_new(r, request)]
+            open_ranks = [r for r in accepting if not placed[r]
+                          or encoded[r] + request.n <= view.batch_limit(Stage.ENCODE, request.shape, (r,))]
             if not open_ranks:
-                break
-            rank = min(open_ranks, key=lambda r: (load[r], r))
+                if accepting:
+                    break  # every batch is full
+                continue  # no room for this request's state; a smaller one may fit
+            rank = min(open_ranks, key=lambda r: (load[r] / speed[r], r))
             placed[rank].append(request)
             load[rank] += request.n
             encoded[rank] += request.n
@@ -112,20 +122,28 @@ class StaticPolicy(FCFSPolicy):
         free = set(view.free_workers)
         waiting = sorted(view.waiting(), key=self.sort_key)
         plans: list[Plan] = []
-        for lane in sorted(self.lanes(view.num_workers), key=lambda g: sum(view.load(r) for r in g)):
+        # A multi-rank lane on a device shared with a foreign job runs at that device's
+        # pace: among equally loaded lanes, it takes new requests last.
+        avoided = view.avoided() if self.static_degree > 1 else set()
+        for lane in sorted(self.lanes(view.num_workers),
+                           key=lambda g: (sum(view.load(r) for r in g), not avoided.isdisjoint(g))):
             if not free.issuperset(lane):
                 continue
             ready = sorted(view.on_group(lane, denoised=True), key=self.sort_key)
             running = sorted(view.on_group(lane, denoised=False), key=self.sort_key)
+            new_ok = bool(waiting) and all(view.accepts_new(r, waiting[0]) for r in lane)
             if ready:
-                batch = take_batch(ready, ready[0].shape, view.max_batch_size if self.batch else 1)
+                limit = view.batch_limit(Stage.DECODE, ready[0].shape, lane) if self.batch else 1
+                batch = take_batch(ready, ready[0].shape, limit)
                 plans.append(Plan(Stage.DECODE, [r.request_id for r in batch], lane))
-            elif waiting and (not running or (self.batch and view.last_stage.get(lane[0]) != Stage.ENCODE)):
-                take = take_images(waiting, view.max_batch_size) if self.batch else waiting[:1]
+            elif new_ok and (not running or (self.batch and view.last_stage.get(lane[0]) != Stage.ENCODE)):
+                limit = view.batch_limit(Stage.ENCODE, waiting[0].shape, lane)
+                take = take_images(waiting, limit) if self.batch else waiting[:1]
                 waiting = waiting[len(take):]
                 plans.append(Plan(Stage.ENCODE, [r.request_id for r in take], lane))
             elif running:
-                batch = take_batch(running, running[0].shape, view.max_batch_size) if self.batch else running[:1]
+                limit = view.batch_limit(Stage.DENOISE, running[0].shape, lane)
+                batch = take_batch(running, running[0].shape, limit) if self.batch else running[:1]
                 plans.append(Plan(Stage.DENOISE, [r.request_id for r in batch], lane, view.steps_per_task))
         return plans
 

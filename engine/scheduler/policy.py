@@ -9,10 +9,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 from engine.messages import Stage
 from engine.request import Request, ShapeKey
+from engine.scheduler.memory import MemoryModel
 
 
 @dataclass
@@ -46,6 +48,15 @@ class SchedulerView:
     # Relative speed of each rank (1.0 nominal, 0.5 half speed; missing: 1.0), e.g. from
     # telemetry when a foreign job shares the device. A group runs at its slowest member.
     rank_speed: dict[int, float] = field(default_factory=dict)
+    # Telemetry (device_state.py; empty: none). Ranks on a device shared with a foreign
+    # process: multi-rank groups take them last.
+    interfered: frozenset[int] = frozenset()
+    # Ranks whose device memory is nearly full: they get no new requests.
+    nearly_full: frozenset[int] = frozenset()
+    # Bytes a task may still allocate on each rank's device; missing: unknown, no limit.
+    headroom: dict[int, int] = field(default_factory=dict)
+    # Predicts a task's activation memory (memory.py); None: no memory admission.
+    memory: MemoryModel | None = None
 
     def waiting(self) -> list[Request]:
         """Requests not yet encoded (no state anywhere)."""
@@ -64,6 +75,43 @@ class SchedulerView:
 
     def speed(self, group: tuple[int, ...]) -> float:
         return min((self.rank_speed.get(rank, 1.0) for rank in group), default=1.0)
+
+    def avoided(self) -> set[int]:
+        """Ranks a multi-rank group takes last: interfered or slowed."""
+        return set(self.interfered) | {rank for rank, speed in self.rank_speed.items() if speed < 1.0}
+
+    def batch_limit(self, stage: Stage, shape: ShapeKey, group: tuple[int, ...]) -> int:
+        """Most images of ``shape`` in one ``stage`` task on ``group``: ``max_batch_size``,
+        capped so the predicted activation memory fits every member's headroom. Where a
+        member's headroom is known but the stage's memory is not yet, one request."""
+        limit = self.max_batch_size
+        if self.memory is None:
+            return limit
+        degree = len(group) if stage == Stage.DENOISE else 1
+        for rank in group:
+            headroom = self.headroom.get(rank)
+            if headroom is None:
+                continue
+            fits = self.memory.max_images(stage, shape, degree, headroom)
+            limit = min(limit, 1 if fits is None else fits)
+        return limit
+
+    @cached_property
+    def memory_will_free(self) -> bool:
+        """Whether some request holds state or runs: its end frees device memory."""
+        return bool(self.running) or any(r.location is not None for r in self.requests)
+
+    def accepts_new(self, rank: int, request: Request) -> bool:
+        """Whether ``rank`` may take ``request``'s new state: not nearly full, and one denoise
+        step of the request alone fits its headroom (when both are known). When none of
+        our requests holds memory, waiting would free nothing: then every rank may."""
+        headroom = self.headroom.get(rank)
+        need = None
+        if headroom is not None and self.memory is not None:
+            need = self.memory.activation_bytes(Stage.DENOISE, request.shape, request.n, 1)
+        if rank not in self.nearly_full and (need is None or need <= headroom):  # type: ignore[operator]
+            return True
+        return not self.memory_will_free
 
 
 def take_batch(candidates: Iterable[Request], shape: ShapeKey, max_images: int) -> list[Request]:

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 from engine.messages import ItemResult, NewRequest, Stage, Task, TaskResult
 from engine.request import Request, RequestStatus
+from engine.scheduler.admission import admit
+from engine.scheduler.device_state import DeviceState
+from engine.scheduler.memory import MemoryModel
 from engine.scheduler.migration import plan_migration
 from engine.scheduler.policy import Plan, Policy, SchedulerView
 
@@ -51,7 +54,8 @@ class _RunningTask:
 
 class Scheduler:
     def __init__(self, policy: Policy, num_workers: int, max_batch_size: int = 16,
-                 steps_per_task: int = 1, max_retries: int = 1, degrees: tuple[int, ...] = (1,)) -> None:
+                 steps_per_task: int = 1, max_retries: int = 1, degrees: tuple[int, ...] = (1,),
+                 memory: MemoryModel | None = None) -> None:
         if num_workers < 1 or max_batch_size < 1 or steps_per_task < 1:
             raise ValueError("num_workers, max_batch_size and steps_per_task must be >= 1")
         self.policy = policy
@@ -69,8 +73,19 @@ class Scheduler:
         self._running: dict[int, _RunningTask] = {}
         self._frees: list[tuple[int, list[str]]] = []
         self._task_ids = itertools.count()
-        # Relative speed per rank (1.0 nominal), set by whoever observes the devices.
+        # What telemetry says of the ranks (device_state.py), set by whoever observes the
+        # devices before each schedule(); the default: no telemetry.
+        self.devices = DeviceState()
+        # Relative speed per rank (1.0 nominal) set directly (the simulator's hook); it
+        # overrides the telemetry's figure for that rank.
         self.rank_speed: dict[int, float] = {}
+        # Activation memory per unit of work, learned from the workers' measured peaks.
+        self.memory = memory or MemoryModel()
+        # rank -> (bytes the rank's allocator holds unused, when it said so): reusable
+        # without asking the device, so they count as headroom.
+        self._cached: dict[int, tuple[int, float]] = {}
+        # Requests that memory admission held back from a planned task (a count).
+        self.admission_cuts = 0
 
     # ----- requests in -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -102,14 +117,40 @@ class Scheduler:
                 if not r.status.is_finished:
                     (running if r.in_flight else idle).append(r)
             idle.sort(key=lambda r: r.arrival_time)
+            devices = self.devices
             view = SchedulerView(
                 now=now, free_workers=free, num_workers=self.num_workers,
                 max_batch_size=self.max_batch_size, steps_per_task=self.steps_per_task,
                 requests=idle, resident_images=self._resident_images(), last_stage=dict(self.last_stage),
-                degrees=self.degrees, running=running, rank_speed=dict(self.rank_speed))
-            out.tasks = [self._start(plan, now) for plan in self.policy.plan(view)]
+                degrees=self.degrees, running=running, rank_speed={**devices.rank_speed, **self.rank_speed},
+                interfered=devices.interfered, nearly_full=devices.nearly_full, headroom=self._headroom(),
+                memory=self.memory)
+            for plan in self.policy.plan(view):
+                admitted = admit(plan, view, self.requests)
+                if admitted is not None:
+                    out.tasks.append(self._start(admitted, now))
+                self.admission_cuts += len(plan.request_ids) - (len(admitted.request_ids) if admitted else 0)
         out.frees, self._frees = self._frees, []
         return out
+
+    def _headroom(self) -> dict[int, int]:
+        """Bytes a task may allocate per rank: the device's free memory, plus what the
+        rank's allocator holds unused if the readings are newer than the rank's report
+        (older readings may predate that memory, which would count it twice)."""
+        devices = self.devices
+        out = {}
+        for rank, free in devices.free_memory.items():
+            cached, reported = self._cached.get(rank, (0, -float("inf")))
+            out[rank] = free + (cached if devices.time >= reported else 0)
+        return out
+
+    def predict_activation(self, task: Task) -> int | None:
+        """Predicted activation bytes per rank of ``task`` (None while unknown)."""
+        requests = [self.requests[rid] for rid in task.request_ids if rid in self.requests]
+        if not requests:
+            return None
+        degree = len(task.group) if task.stage == Stage.DENOISE else 1
+        return self.memory.activation_bytes(task.stage, requests[0].shape, sum(r.n for r in requests), degree)
 
     def _resident_images(self) -> dict[int, int]:
         load: dict[int, int] = {}
@@ -177,6 +218,7 @@ class Scheduler:
         running = self._running.get(result.task_id)
         if running is None or result.rank not in running.waiting_on:
             return []
+        self._learn_memory(running.task, result, now)
         running.waiting_on.discard(result.rank)
         self.busy.discard(result.rank)
         if result.rank == running.task.group[0]:
@@ -185,6 +227,21 @@ class Scheduler:
             return []
         del self._running[result.task_id]
         return self._apply(running.task, running.leader_result, now)
+
+    def _learn_memory(self, task: Task, result: TaskResult, now: float) -> None:
+        """Feed the memory model the task's measured activation on this rank (on CPU the
+        peak is 0 and nothing is learned). A rank that only sent state, and a decode's
+        non-leaders, computed nothing."""
+        self._cached[result.rank] = (result.cached_memory_bytes, now)
+        if result.error is not None or result.peak_memory_bytes <= 0 or result.rank not in task.group:
+            return
+        if task.stage == Stage.DECODE and result.rank != task.group[0]:
+            return
+        requests = [self.requests[rid] for rid in task.request_ids if rid in self.requests]
+        if requests:
+            degree = len(task.group) if task.stage == Stage.DENOISE else 1
+            self.memory.learn(task.stage, requests[0].shape, sum(r.n for r in requests), degree,
+                              result.peak_memory_bytes - result.start_memory_bytes)
 
     def _apply(self, task: Task, result: TaskResult | None, now: float) -> list[RequestUpdate]:
         items = {item.request_id: item for item in (result.items if result else [])}

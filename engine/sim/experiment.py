@@ -11,7 +11,7 @@ as such.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +65,9 @@ class PolicyResult:
 def run_policies(specs: Sequence[PolicySpec], cost_model: CostModel, num_gpus: int,
                  workload: Sequence[WorkloadRequest], saturated: Sequence[WorkloadRequest] = (), *,
                  max_batch_size: int = 16, jitter: float = 0.0, seed: int = 0,
-                 speed: SpeedFn | None = None, observe: ObserveFn | None = None) -> list[PolicyResult]:
+                 speed: SpeedFn | None = None, observe: ObserveFn | None = None,
+                 make_observe: Callable[[], ObserveFn] | None = None) -> list[PolicyResult]:
+    """``make_observe`` gives each run a fresh ``observe`` hook (telemetry keeps state)."""
     degrees = tuple(d for d in cost_model.degrees if d <= num_gpus)
 
     def simulate(spec: PolicySpec, requests: Sequence[WorkloadRequest]) -> SimResult | None:
@@ -73,7 +75,8 @@ def run_policies(specs: Sequence[PolicySpec], cost_model: CostModel, num_gpus: i
             return None
         policy = make_policy(spec.name, cost_model=cost_model, **spec.options)
         sim = Simulator(policy, cost_model, num_gpus, max_batch_size=max_batch_size, degrees=degrees,
-                        speed=speed, observe=observe, jitter=jitter, seed=seed)
+                        speed=speed, observe=make_observe() if make_observe is not None else observe,
+                        jitter=jitter, seed=seed)
         return sim.run(requests)
 
     return [PolicyResult(spec, simulate(spec, workload), simulate(spec, saturated)) for spec in specs]

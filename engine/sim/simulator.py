@@ -10,8 +10,10 @@ one result.
 
 Hooks for device conditions: ``speed(rank, t)`` is the true relative speed of a rank (a
 device shared with a foreign job runs at, say, 0.5 for a window); ``observe(t)`` is what
-the scheduler is told (``Scheduler.rank_speed``), e.g. by a telemetry source. Leaving
-``observe`` out simulates a scheduler blind to the slowdown.
+the scheduler is told before each round: a DeviceState (``Scheduler.devices``), as the
+engine's telemetry gives it (engine/sim/interference.py samples a fake NVML source), or
+a plain rank -> speed map (``Scheduler.rank_speed``). Leaving ``observe`` out simulates a
+scheduler blind to the slowdown.
 
 A rank outside a task's group that only sends a request's state (a migration source)
 answers once its sends are done, so it is free again long before the group finishes.
@@ -30,13 +32,14 @@ from dataclasses import dataclass, field
 from engine.messages import ItemResult, Stage, Task, TaskResult
 from engine.request import ImageParams, Request, ShapeKey
 from engine.scheduler.cost_model import CostModel
+from engine.scheduler.device_state import DeviceState
 from engine.scheduler.policy import Policy
 from engine.scheduler.scheduler import Scheduler, UpdateKind
 from engine.sim.report import RequestRecord, ServingMetrics
 from engine.sim.workload import WorkloadRequest
 
 SpeedFn = Callable[[int, float], float]
-ObserveFn = Callable[[float], dict[int, float]]
+ObserveFn = Callable[[float], "DeviceState | dict[int, float]"]
 
 
 class SimulationStalled(RuntimeError):
@@ -109,7 +112,11 @@ class Simulator:
                     latency = now - w.arrival_s if update.kind == UpdateKind.FINISHED else None
                     records.append(RequestRecord(w.label, w.arrival_s, latency, w.deadline_s, w.n))
             if self.observe is not None:
-                sched.rank_speed = self.observe(now)
+                observed = self.observe(now)
+                if isinstance(observed, DeviceState):
+                    sched.devices = observed
+                else:
+                    sched.rank_speed = observed
             for task in sched.schedule(now).tasks:
                 duration = self._duration(task, now)
                 heapq.heappush(events, (now + duration, next(seq), (task, task.group)))

@@ -104,5 +104,7 @@ async def test_sigterm_lets_the_request_in_flight_finish_then_exits_0():
             assert image.size == (256, 256)
         assert await proc.wait(60) == 0, proc.output
         assert "draining requests in flight" in proc.output and "drain timeout" not in proc.output
+        # The start-up device summary: on this CPU machine, why there is no GPU telemetry.
+        assert "devices: no GPU telemetry: the engine runs on cpu" in proc.output
     finally:
         await proc.kill()

@@ -63,3 +63,23 @@ def test_simulate_averages_several_seeds(tmp_path):
     assert len(elastic["per_seed"]) == 3
     runs = [run["mean_latency_s"] for run in elastic["per_seed"]]
     assert elastic["mean_latency_s"] == sum(runs) / 3 and len(set(runs)) > 1
+
+
+def test_simulate_with_interference_prints_blind_and_telemetry_runs_side_by_side(tmp_path):
+    out = tmp_path / "sim.json"
+    result = simulate("--duration", "600", "--load", "0.8", "--saturate", "0", "--policies", "static-4,edf",
+                      "--interference", "1:100:400", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "interference: GPU 1 shared with a foreign job at 100 % from 100 s to 400 s" in result.stdout
+    assert "\nedf+telemetry " in result.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["policies"]) == {"static-4", "edf", "static-4+telemetry", "edf+telemetry"}
+    side = figures["interference"]
+    assert (side["gpu"], side["start_s"], side["end_s"], side["util"], side["speed"]) == (1, 100, 400, 100, 0.5)
+    edf = side["policies"]["edf"]
+    assert set(edf) == {"blind", "telemetry"}
+    assert set(edf["blind"]) == {"slo_attainment", "window_slo_attainment", "mean_latency_s", "p95_latency_s"}
+    assert edf["telemetry"]["window_slo_attainment"] > edf["blind"]["window_slo_attainment"]
+    assert figures["policies"]["edf"]["window_slo_attainment"] == edf["blind"]["window_slo_attainment"]
+    bad = simulate("--interference", "7:0:10", "--duration", "10", "--saturate", "0")
+    assert bad.returncode == 2 and "not one of the 4 GPUs" in bad.stderr
