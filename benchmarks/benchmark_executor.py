@@ -101,9 +101,11 @@ def bare_steps(adapter, params: ImageParams) -> list[float]:
 def measure_step_overhead(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
+    from engine.executor.allocator import keep_freed_memory
     from engine.models.loader import load_adapter
     from entrypoints import DiT
 
+    keep_freed_memory()  # as the worker does: the sides differ by the engine alone
     params = ImageParams(width=512, height=512, num_inference_steps=args.overhead_steps, seed=1,
                          output_format="raw")
     with DiT(model="small-pixart", device="cpu", num_workers=1, executor="multiprocess") as dit:

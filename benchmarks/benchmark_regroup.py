@@ -99,7 +99,9 @@ def _worker(rank: int, spec, port: int, args: argparse.Namespace, queue) -> None
         import torch.distributed as dist
 
         from engine.distributed.group_free import ShmCollectives
+        from engine.executor.allocator import keep_freed_memory
 
+        keep_freed_memory()  # as the engine's workers do
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
         comm = ShmCollectives(spec, rank)

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import os
 
+from engine.executor.allocator import keep_freed_memory
 from engine.executor.base import Executor, FailureCallback, RestartCallback, ResultCallback
 from engine.executor.worker import Worker
 from engine.messages import ModelInfo, Task, TaskResult
@@ -26,6 +27,7 @@ class InProcessExecutor(Executor):
         self._on_result = on_result
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gfdit-worker")
         model = self.config.model
+        keep_freed_memory()  # this process runs the model: reuse its pages (allocator.py)
         adapter = await self._loop.run_in_executor(
             self._thread, load_adapter, model.model, model.device, model.dtype)
         backend = resolve_attention_backend(model.attention_backend, adapter.device)

@@ -69,6 +69,9 @@ def watch_parent(fd: int) -> None:
 def load_worker(spec: WorkerSpec):
     import torch
 
+    from engine.executor.allocator import keep_freed_memory
+
+    keep_freed_memory()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if spec.device.startswith("cuda"):
