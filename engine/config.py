@@ -38,6 +38,8 @@ class SchedulerConfig:
     """Cost-model profile for edf/elastic: a shipped name or a JSON from `gfdit profile`; None: the shipped one for the model, if any."""
     max_batch_size: int | None = None
     """Most images in one denoise (or decode) batch; None: 8 on CPU (larger batches fall out of its caches), 16 on GPU."""
+    max_batch_tokens: int | None = None
+    """Most image-token rows (images x tokens, x2 with CFG, / degree) a worker computes in one denoise batch; None: 2048 on CPU (a bigger batch no longer runs faster per image there, measured), no cap on GPU."""
     steps_per_task: int = 1
     """Denoise steps a task runs before the scheduler decides again."""
     static_degree: int = 1

@@ -48,6 +48,9 @@ class SchedulerView:
     # Relative speed of each rank (1.0 nominal, 0.5 half speed; missing: 1.0), e.g. from
     # telemetry when a foreign job shares the device. A group runs at its slowest member.
     rank_speed: dict[int, float] = field(default_factory=dict)
+    # Most image-token rows one rank computes in a denoise batch (rows x image tokens /
+    # degree, rows = images, x2 with CFG); the first request always fits. None: no cap.
+    max_batch_tokens: int | None = None
     # Telemetry (device_state.py; empty: none). Ranks on a device shared with a foreign
     # process: multi-rank groups take them last.
     interfered: frozenset[int] = frozenset()
@@ -82,12 +85,17 @@ class SchedulerView:
 
     def batch_limit(self, stage: Stage, shape: ShapeKey, group: tuple[int, ...]) -> int:
         """Most images of ``shape`` in one ``stage`` task on ``group``: ``max_batch_size``,
-        capped so the predicted activation memory fits every member's headroom. Where a
-        member's headroom is known but the stage's memory is not yet, one request."""
+        capped by ``max_batch_tokens`` (denoise) and so the predicted activation memory fits
+        every member's headroom. Where a member's headroom is known but the stage's memory
+        is not yet, one request."""
         limit = self.max_batch_size
+        degree = len(group) if stage == Stage.DENOISE else 1
+        if stage == Stage.DENOISE and self.max_batch_tokens is not None:
+            tokens = self.memory.tokens(shape) if self.memory is not None else image_tokens(shape)
+            rows_tokens = tokens * (2 if shape.cfg else 1) / degree
+            limit = min(limit, max(1, int(self.max_batch_tokens // rows_tokens)))
         if self.memory is None:
             return limit
-        degree = len(group) if stage == Stage.DENOISE else 1
         for rank in group:
             headroom = self.headroom.get(rank)
             if headroom is None:
@@ -112,6 +120,11 @@ class SchedulerView:
         if rank not in self.nearly_full and (need is None or need <= headroom):  # type: ignore[operator]
             return True
         return not self.memory_will_free
+
+
+def image_tokens(shape: ShapeKey, size_multiple: int = 16) -> int:
+    """Transformer tokens of one image (latents 8x smaller than pixels, 2x2 patches)."""
+    return max(1, (shape.width // size_multiple) * (shape.height // size_multiple))
 
 
 def take_batch(candidates: Iterable[Request], shape: ShapeKey, max_images: int) -> list[Request]:

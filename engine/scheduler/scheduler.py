@@ -55,12 +55,13 @@ class _RunningTask:
 class Scheduler:
     def __init__(self, policy: Policy, num_workers: int, max_batch_size: int = 16,
                  steps_per_task: int = 1, max_retries: int = 1, degrees: tuple[int, ...] = (1,),
-                 memory: MemoryModel | None = None) -> None:
+                 memory: MemoryModel | None = None, max_batch_tokens: int | None = None) -> None:
         if num_workers < 1 or max_batch_size < 1 or steps_per_task < 1:
             raise ValueError("num_workers, max_batch_size and steps_per_task must be >= 1")
         self.policy = policy
         self.num_workers = num_workers
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.steps_per_task = steps_per_task
         self.max_retries = max_retries
         # Sequence-parallel degrees the model allows (its heads divide by them).
@@ -124,7 +125,7 @@ class Scheduler:
                 requests=idle, resident_images=self._resident_images(), last_stage=dict(self.last_stage),
                 degrees=self.degrees, running=running, rank_speed={**devices.rank_speed, **self.rank_speed},
                 interfered=devices.interfered, nearly_full=devices.nearly_full, headroom=self._headroom(),
-                memory=self.memory)
+                memory=self.memory, max_batch_tokens=self.max_batch_tokens)
             for plan in self.policy.plan(view):
                 admitted = admit(plan, view, self.requests)
                 if admitted is not None:

@@ -7,7 +7,7 @@ import pytest
 
 from engine.messages import ItemResult, Stage, TaskResult
 from engine.request import ImageParams, Request, RequestStatus, ShapeKey
-from engine.scheduler.policies import FCFSPolicy, SRTFPolicy, make_policy
+from engine.scheduler.policies import FCFSPolicy, SRTFPolicy, StaticPolicy, make_policy
 from engine.scheduler.policy import Plan, Policy, SchedulerView
 from engine.scheduler.scheduler import Scheduler, UpdateKind
 
@@ -292,3 +292,21 @@ def test_static_lanes_run_one_request_at_a_time_at_a_fixed_degree():
     assert groups["r0"] != groups["r1"]  # two lanes serve two requests at once
     with pytest.raises(ValueError, match="static degree 3"):
         Scheduler(make_policy("static", static_degree=3), num_workers=4, degrees=(1, 2, 4))
+
+
+@pytest.mark.parametrize("shape, degree, expected", [
+    (A, 1, 4),  # 256x256 with CFG: 512 token rows an image, 4 fit in 2048
+    (B, 1, 1),  # 512x512 with CFG: 2048 token rows, one image at a time
+    (B, 2, 2),  # at degree 2 each rank computes half the tokens
+])
+def test_max_batch_tokens_caps_denoise_batches_by_token_rows(shape, degree, expected):
+    def denoise_batches(max_batch_tokens):
+        policy = StaticPolicy(static_degree=degree, batch=True)
+        sched = Scheduler(policy, num_workers=degree, max_batch_size=8, degrees=(1, 2)[:degree],
+                          max_batch_tokens=max_batch_tokens)
+        for i in range(6):
+            sched.add_request(make_request(f"r{i}", shape=shape))
+        return {len(t.request_ids) for t in run_until_idle(sched) if t.stage == Stage.DENOISE}
+
+    assert max(denoise_batches(2048)) == expected
+    assert max(denoise_batches(None)) == 6
