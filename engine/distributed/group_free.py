@@ -67,11 +67,11 @@ class Collectives(ABC):
     def recv(self, like: torch.Tensor, src: int) -> torch.Tensor:
         """A tensor of ``like``'s shape and dtype from ``src``."""
 
-    @abstractmethod
-    def send_bytes(self, data: bytes, dst: int) -> None: ...
+    def send_bytes(self, data: bytes, dst: int) -> None:
+        self.exchange_bytes({dst: data}, ())
 
-    @abstractmethod
-    def recv_bytes(self, src: int) -> bytes: ...
+    def recv_bytes(self, src: int) -> bytes:
+        return self.exchange_bytes({}, (src,))[src]
 
     @abstractmethod
     def exchange_bytes(self, outgoing: dict[int, bytes], incoming: Sequence[int]) -> dict[int, bytes]:
@@ -134,12 +134,6 @@ class ShmCollectives(Collectives):
         out = torch.empty_like(like, memory_format=torch.contiguous_format)
         run_ops(self.channels, [RecvOp(self.channels, src, _as_bytes(out))])
         return out
-
-    def send_bytes(self, data: bytes, dst: int) -> None:
-        self.exchange_bytes({dst: data}, ())
-
-    def recv_bytes(self, src: int) -> bytes:
-        return self.exchange_bytes({}, (src,))[src]
 
     def exchange_bytes(self, outgoing: dict[int, bytes], incoming: Sequence[int]) -> dict[int, bytes]:
         sends = [SendOp(self.channels, dst, np.frombuffer(data, dtype=np.uint8)) for dst, data in outgoing.items()]
@@ -211,12 +205,6 @@ class NcclCollectives(Collectives):
         out = torch.empty_like(like, memory_format=torch.contiguous_format)
         self._exchange([], [(out, src)])
         return out
-
-    def send_bytes(self, data: bytes, dst: int) -> None:
-        self.exchange_bytes({dst: data}, ())
-
-    def recv_bytes(self, src: int) -> bytes:
-        return self.exchange_bytes({}, (src,))[src]
 
     def exchange_bytes(self, outgoing: dict[int, bytes], incoming: Sequence[int]) -> dict[int, bytes]:
         # Sizes first, so each receiver can allocate; then the payloads, all in one batch.

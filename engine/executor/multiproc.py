@@ -107,7 +107,9 @@ class MultiprocExecutor(Executor):
         self._multi_inflight: set[int] = set()
         self._held: list[Task] = []
         self._world = _World()
-        # This epoch's shared-memory channels for the group-free collectives of CPU workers.
+        # GPU workers' collectives run over NCCL; CPU workers' over shared-memory channels,
+        # made afresh for each epoch.
+        self._on_gpu = rank_device(config.model.device, 0).startswith("cuda")
         self._channels: ChannelsOwner | None = None
         self._closing = False
         self._fatal: str | None = None
@@ -248,7 +250,7 @@ class MultiprocExecutor(Executor):
         world.joining = {h.rank for h in handles}
         logger.info("forming world epoch %d over %d workers", world.epoch, len(handles))
         self._close_channels()
-        if not rank_device(self.config.model.device, 0).startswith("cuda"):
+        if not self._on_gpu:
             self._channels = ChannelsOwner(self._num_workers)
         spec = self._channels.spec if self._channels is not None else None
         self._broadcast(JoinWorld(world.epoch, self._num_workers, spec), sorted(world.joining))

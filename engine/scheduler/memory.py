@@ -27,6 +27,12 @@ from engine.messages import Stage
 from engine.request import ShapeKey
 
 
+def image_tokens(shape: ShapeKey, size_multiple: int = 16) -> int:
+    """Transformer tokens of one image: ``size_multiple`` pixels per token side (VAE factor
+    x patch size)."""
+    return max(1, (shape.width // size_multiple) * (shape.height // size_multiple))
+
+
 class MemoryModel:
     def __init__(self, size_multiple: int = 16, window: int = 64, margin: float = 1.1) -> None:
         self.size_multiple = size_multiple
@@ -35,8 +41,7 @@ class MemoryModel:
         self._samples: dict[Stage, deque[tuple[int, float]]] = {s: deque(maxlen=window) for s in Stage}
 
     def tokens(self, shape: ShapeKey) -> int:
-        m = self.size_multiple
-        return max(1, (shape.width // m) * (shape.height // m))
+        return image_tokens(shape, self.size_multiple)
 
     def units(self, stage: Stage, shape: ShapeKey, images: int, degree: int = 1) -> float:
         rows = images * (2 if shape.cfg else 1)

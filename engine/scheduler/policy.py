@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from engine.messages import Stage
 from engine.request import Request, ShapeKey
-from engine.scheduler.memory import MemoryModel
+from engine.scheduler.memory import MemoryModel, image_tokens
 
 
 @dataclass
@@ -120,11 +120,6 @@ class SchedulerView:
         if rank not in self.nearly_full and (need is None or need <= headroom):  # type: ignore[operator]
             return True
         return not self.memory_will_free
-
-
-def image_tokens(shape: ShapeKey, size_multiple: int = 16) -> int:
-    """Transformer tokens of one image (latents 8x smaller than pixels, 2x2 patches)."""
-    return max(1, (shape.width // size_multiple) * (shape.height // size_multiple))
 
 
 def take_batch(candidates: Iterable[Request], shape: ShapeKey, max_images: int) -> list[Request]:
