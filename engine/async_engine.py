@@ -23,6 +23,7 @@ from engine.config import EngineConfig
 from engine.device_monitor import DeviceMonitor
 from engine.executor.base import Executor
 from engine.messages import ModelInfo, Stage, Task, TaskResult
+from engine.models.sources import check_model_source
 from engine.outputs import (
     GeneratedImage,
     RequestAbortedError,
@@ -143,6 +144,8 @@ class AsyncEngine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # A model that names nothing loadable fails here, in one line, before any worker starts.
+        await self._loop.run_in_executor(None, check_model_source, self.config.model.model)
         info = await self.executor.start(self._on_result, self._on_worker_failed, self._on_worker_restarted)
         try:
             self.scheduler = self._make_scheduler(info)

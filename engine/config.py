@@ -15,13 +15,13 @@ from typing import Any
 from engine.request import Limits
 
 # The built-in preset used when no model is named (see engine/models/presets.py).
-DEFAULT_MODEL = "tiny-pixart"
+DEFAULT_MODEL = "shapes"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = DEFAULT_MODEL
-    """A preset name (tiny-pixart, small-pixart, tiny-sd3, tiny-flux), a diffusers folder or a hub id."""
+    """A preset name (shapes, tiny-pixart, small-pixart, tiny-sd3, tiny-flux), a diffusers folder or a hub id."""
     device: str = "auto"
     """auto (cuda when present), cpu, or cuda."""
     dtype: str = "auto"

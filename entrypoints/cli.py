@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -47,10 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns (once per process, workers included) about optional backends it
+    # falls back from; on the command line that buries gfdit's own output and errors.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run: Callable[[argparse.Namespace], int] = args.run
-    return run(args)
+    from engine.executor.worker_handle import WorkerStartError
+    from engine.models.sources import ModelLoadError
+
+    try:
+        return run(args)
+    except (ModelLoadError, WorkerStartError) as exc:
+        # One line saying what was tried and what to do; a traceback would bury it.
+        print(f"gfdit: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
 
 
 __all__ = ["add_engine_args", "engine_options_from_args", "main", "parse_size"]

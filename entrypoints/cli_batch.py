@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_in_flight is not None and args.max_in_flight < 1:
         print("error: --max-in-flight must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    from engine.models.sources import check_model_source
+
+    check_model_source(engine_options_from_args(args)["model"])  # before the progress bar
     terminated: list[int] = []
     resume = "finished images are kept; run the same command again to resume"
     try:

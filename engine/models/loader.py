@@ -13,14 +13,13 @@ from engine.models.flux import FluxAdapter
 from engine.models.pixart import PixArtAdapter
 from engine.models.presets import PRESETS, build_preset
 from engine.models.sd3 import SD3Adapter
+from engine.models.sources import ModelLoadError
+
+__all__ = ["ModelLoadError", "adapter_for", "load_adapter", "load_pipeline"]
 
 logger = logging.getLogger(__name__)
 
 ADAPTERS: tuple[type[DiTAdapter], ...] = (PixArtAdapter, SD3Adapter, FluxAdapter)
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,16 +48,23 @@ def adapter_for(pipe: DiffusionPipeline) -> type[DiTAdapter]:
     raise ModelLoadError(f"pipeline class {type(pipe).__name__} is not supported; supported: {supported}")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def load_pipeline(model: str, dtype: torch.dtype) -> DiffusionPipeline:
     if model in PRESETS:
-        pipe = build_preset(model)
+        try:
+            pipe = build_preset(model)
+        except OSError as exc:
+            raise ModelLoadError(f"could not build preset {model!r}: {_one_line(exc)}") from exc
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear message
         where = "folder" if os.path.isdir(model) else "hub id (or folder)"
         raise ModelLoadError(
-            f"could not load model {model!r} as a diffusers {where}: {exc}. "
+            f"could not load model {model!r} as a diffusers {where}: {_one_line(exc)}. "
             f"Built-in presets: {', '.join(sorted(PRESETS))}") from exc
     return pipe
 

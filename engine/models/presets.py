@@ -1,6 +1,8 @@
-"""Built-in model presets: real diffusers pipelines with random weights, built in code.
+"""Built-in model presets: real diffusers pipelines, built in code or shipped in the package.
 
-They let gfdit run, test and benchmark with no model download. Each preset is a genuine
+``shapes`` (the default) is a small trained model whose weights ship with gfdit; the
+``tiny-*``/``small-*`` presets are built in code with random weights, for tests and benchmarks.
+They let gfdit run, test and benchmark with no model download. Each random preset is a genuine
 ``PixArtSigmaPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` whose modules
 are tiny (a few layers) and seeded, so every build gives the same weights, and whose
 tokenizers are built in memory. ``small-pixart`` (~30M parameters) is sized so that on a
@@ -34,6 +36,7 @@ from transformers import (
 )
 
 from engine.config import DEFAULT_MODEL  # noqa: F401 - re-exported
+from engine.models.shapes.preset import SHAPES_DESCRIPTION, SHAPES_SIZE, SHAPES_STEPS, build_shapes
 from engine.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 
@@ -210,6 +213,7 @@ def build_tiny_flux() -> FluxPipeline:
 
 
 PRESETS: dict[str, PresetSpec] = {
+    "shapes": PresetSpec(build_shapes, SHAPES_SIZE, SHAPES_STEPS, SHAPES_DESCRIPTION),
     "tiny-pixart": PresetSpec(build_tiny_pixart, 256, 20, "PixArt-Sigma, 2 layers, random weights"),
     "small-pixart": PresetSpec(build_small_pixart, 512, 20, "PixArt-Sigma, 12 layers x 384 (~30M), random weights"),
     "tiny-sd3": PresetSpec(build_tiny_sd3, 256, 28, "Stable Diffusion 3, 2 layers, random weights"),

@@ -59,7 +59,9 @@ def build_vae() -> AutoencoderKL:
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
+        # Several channels per group: with one, GroupNorm removes each channel's mean, and the
+        # colour of a flat image is exactly that mean (the decoder could not learn it).
+        norm_num_groups=2,
         layers_per_block=1,
         sample_size=IMAGE_SIZE,
     )

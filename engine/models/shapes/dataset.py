@@ -96,9 +96,11 @@ def random_scene(rng: random.Random, held_out: bool = False) -> Scene:
             background = HELD_OUT[(color, shape)]
         else:
             background = rng.choice([c for c in COLORS if c != color])
+        # Half the scenes name no size and half no position, so the core task (colour, shape,
+        # background) gets most of the examples.
         scene = Scene(color, shape, background,
-                      size=rng.choice((None, None, *SIZES)),
-                      position=rng.choice((None, None, *POSITIONS)))
+                      size=rng.choice((None,) * len(SIZES) + SIZES),
+                      position=rng.choice((None,) * len(POSITIONS) + POSITIONS))
         if is_held_out(scene) == held_out:
             return scene
 

@@ -16,7 +16,7 @@ REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+@pytest.mark.parametrize("preset", [*FAMILY_PRESETS, "shapes"])
 def test_staggered_batches_match_the_pipeline(preset, preset_pipelines):
     adapter = load_adapter(preset, device="cpu")
     info = adapter.info()
