@@ -43,7 +43,7 @@ POSITION_PHRASES = {
     "center": "in the center", "top left": "at the top left", "top right": "at the top right",
     "bottom left": "at the bottom left", "bottom right": "at the bottom right",
 }
-BACKGROUND_TEMPLATES = ("on a {bg} background", "on {bg}", "on a {bg} background", ", {bg} background")
+BACKGROUND_TEMPLATES = ("on {a} {bg} background", "on {bg}", "on {a} {bg} background", ", {bg} background")
 
 # Words the tokenizer gives their own pieces.
 VOCABULARY = sorted({"a", "an", "on", "at", "the", "in", "background", *COLORS, *SHAPES, *SIZES,
@@ -78,13 +78,17 @@ def is_held_out(scene: Scene) -> bool:
     return HELD_OUT[(scene.color, scene.shape)] == scene.background
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def caption(scene: Scene, template: int = 0) -> str:
     words = [w for w in (scene.size, scene.color, scene.shape) if w]
-    article = "an" if words[0][0] in "aeiou" else "a"
-    text = " ".join([article, *words])
+    text = " ".join([_article(words[0]), *words])
     if scene.position:
         text += " " + POSITION_PHRASES[scene.position]
-    tail = BACKGROUND_TEMPLATES[template % len(BACKGROUND_TEMPLATES)].format(bg=scene.background)
+    tail = BACKGROUND_TEMPLATES[template % len(BACKGROUND_TEMPLATES)].format(
+        a=_article(scene.background), bg=scene.background)
     return text + ("" if tail.startswith(",") else " ") + tail
 
 

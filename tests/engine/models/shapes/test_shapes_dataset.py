@@ -46,5 +46,6 @@ def test_captions_name_what_varies_and_tokenize_into_words():
     text = caption(scene)
     assert text == "a large orange triangle at the top left on a black background"
     assert caption(Scene("orange", "circle", "white"), 1) == "an orange circle on white"
+    assert caption(Scene("red", "square", "orange")) == "a red square on an orange background"
     tokenizer = build_tokenizer()
     assert tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)[:-1] == ["▁" + w for w in text.split()]
