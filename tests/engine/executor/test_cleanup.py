@@ -58,9 +58,12 @@ def test_workers_and_segments_go_when_the_engine_process_dies_or_is_interrupted(
             proc.wait()
 
 
-async def test_a_model_that_does_not_load_fails_start_clearly_and_leaves_nothing():
-    engine = AsyncEngine(EngineConfig.create(model="no-such-model-gfdit", device="cpu", num_workers=2))
-    with pytest.raises(WorkerStartError, match="could not load model 'no-such-model-gfdit'"):
+async def test_a_model_that_does_not_load_fails_start_clearly_and_leaves_nothing(tmp_path):
+    # A folder that passes the front end's check (it has a model_index.json) but that no
+    # worker can load.
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtSigmaPipeline"}')
+    engine = AsyncEngine(EngineConfig.create(model=str(tmp_path), device="cpu", num_workers=2))
+    with pytest.raises(WorkerStartError, match=f"could not load model '{tmp_path}'"):
         await engine.start()
     assert worker_children() == []
     assert our_segments(os.getpid()) == []
