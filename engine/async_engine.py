@@ -121,7 +121,8 @@ class AsyncEngine:
         """``telemetry_source``: read GPU telemetry from it (a FakeSource, say) instead of NVML."""
         self.config = config
         self.executor = executor or make_executor(config)
-        self.devices = DeviceMonitor(config.telemetry.telemetry_period_s, source=telemetry_source)
+        self.devices = DeviceMonitor(config.telemetry.telemetry_period_s, source=telemetry_source,
+                                     detect_foreign=config.telemetry.detect_foreign_processes)
         self.model_info: ModelInfo | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._dispatch_pending = False
@@ -149,10 +150,14 @@ class AsyncEngine:
         except ValueError:
             await self.executor.shutdown()
             raise
+        try:
+            await self.devices.start(device=self.config.model.device, model_device=info.device,
+                                     num_ranks=self.executor.num_workers, our_pids=self._our_pids,
+                                     on_sample=self._on_telemetry)
+        except BaseException:
+            await self.executor.shutdown()  # no worker outlives a failed start
+            raise
         self.model_info = info
-        await self.devices.start(device=self.config.model.device, model_device=info.device,
-                                 num_ranks=self.executor.num_workers, our_pids=self._our_pids,
-                                 on_sample=self._on_telemetry)
         logger.info("engine ready: %s on %d worker(s), policy %s", self.model_info.name,
                     self.executor.num_workers, self.scheduler.policy.name)
 

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from engine.pid_namespace import PidNamespace
+
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
@@ -30,8 +32,10 @@ class DeviceStats:
     index: int  # NVML device index
     memory_used: int
     memory_total: int
-    gpu_util: float  # percent of time a kernel ran, last sample period
-    memory_util: float
+    # Percent of the last sample period a kernel ran / memory was busy; None where the
+    # device does not say (MIG instances).
+    gpu_util: float | None
+    memory_util: float | None
     # pid -> bytes used on the device, for every compute (or graphics) process NVML sees.
     processes: dict[int, int] = field(default_factory=dict)
     # pid -> SM utilisation (%) of each process, where the driver keeps per-process samples.
@@ -56,7 +60,7 @@ class DeviceStats:
         overestimates while ours run)."""
         if self.process_util:
             return min(100.0, sum(self.process_util.get(pid, 0.0) for pid in foreign))
-        return self.gpu_util
+        return self.gpu_util or 0.0
 
 
 @dataclass(frozen=True)
@@ -121,10 +125,16 @@ class Telemetry:
     """Turns readings into snapshots; ``sample`` is pure given ``now``, the thread calls it."""
 
     def __init__(self, source: Source | None, our_pids: Callable[[], Iterable[int]] = tuple,
-                 smoothing: float = 0.3) -> None:
+                 smoothing: float = 0.3, *, pids: PidNamespace | None = None,
+                 detect_foreign: bool = True) -> None:
+        """``pids``: map our processes through their PID namespaces (NVML's pids; None:
+        compare as they are, as scripted sources need); ``detect_foreign`` False: no
+        process is foreign, only the memory readings count."""
         self.source = source
         self.our_pids = our_pids
         self.smoothing = smoothing
+        self.pids = pids
+        self.detect_foreign = detect_foreign
         self.latest = Snapshot.empty()
         self.error: str | None = None  # why the source stopped, once it has
 
@@ -139,8 +149,7 @@ class Telemetry:
                 self.error = str(exc)
             self.latest = Snapshot(now, {}, {}, {})
             return self.latest
-        ours = set(self.our_pids())
-        foreign = {d.index: d.foreign_pids(ours) for d in devices}
+        foreign = self._foreign(devices)
         previous = self.latest.foreign_util
         foreign_util = {}
         for d in devices:
@@ -150,6 +159,15 @@ class Telemetry:
                 foreign_util[d.index] = (1 - self.smoothing) * before + self.smoothing * load
         self.latest = Snapshot(now, {d.index: d for d in devices}, foreign, foreign_util)
         return self.latest
+
+    def _foreign(self, devices: list[DeviceStats]) -> dict[int, list[int]]:
+        if not self.detect_foreign:
+            return {d.index: [] for d in devices}
+        if self.pids is None:
+            ours = set(self.our_pids())
+            return {d.index: d.foreign_pids(ours) for d in devices}
+        ours = self.pids.ours(self.our_pids())
+        return {d.index: self.pids.foreign(d.processes, ours) for d in devices}
 
 
 class TelemetrySampler:
@@ -168,7 +186,8 @@ class TelemetrySampler:
 
     @classmethod
     def from_nvml(cls, our_pids: Callable[[], Iterable[int]], period_s: float = 0.2,
-                  on_sample: Callable[[Snapshot], None] | None = None) -> TelemetrySampler:
+                  on_sample: Callable[[Snapshot], None] | None = None,
+                  detect_foreign: bool = True) -> TelemetrySampler:
         """NVML's sampler, or one that reports nothing (said once in the log) without NVML.
         NVML's initialisation can take a while: call this off the event loop."""
         from engine.nvml import NvmlSource
@@ -180,7 +199,8 @@ class TelemetrySampler:
             reason = str(exc)
             logger.info("GPU telemetry off: %s", exc)
             source = None
-        return cls(Telemetry(source, our_pids), period_s, on_sample, reason)
+        return cls(Telemetry(source, our_pids, pids=PidNamespace(), detect_foreign=detect_foreign),
+                   period_s, on_sample, reason)
 
     @property
     def available(self) -> bool:
@@ -219,6 +239,7 @@ def summary(snapshot: Snapshot, reason: str | None = None) -> str:
         return f"devices: no GPU telemetry: {reason or 'no devices reported'}"
     parts = []
     for index, d in sorted(snapshot.devices.items()):
+        util = "n/a" if d.gpu_util is None else f"{d.gpu_util:.0f}%"
         parts.append(f"{index} {d.name or 'GPU'} {d.memory_total / GiB:.1f} GiB ({d.memory_used / GiB:.1f} used, "
-                     f"util {d.gpu_util:.0f}%, {len(snapshot.foreign.get(index, []))} foreign)")
+                     f"util {util}, {len(snapshot.foreign.get(index, []))} foreign)")
     return "devices: " + "; ".join(parts)

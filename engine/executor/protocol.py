@@ -26,6 +26,10 @@ from engine.messages import FreeRequests, ModelInfo, Task, TaskResult
 
 _WIRE = {"array_like": True, "omit_defaults": True, "gc": False, "tag": True}
 
+# A worker's exit status when a task left it unfit to go on (a sticky CUDA error, or a
+# failed multi-rank task whose collectives may be out of step); see worker_main.py.
+EXIT_REPLACE_ME = 75
+
 
 class WorkerSpec(msgspec.Struct, kw_only=True):
     """Everything a worker process needs to start; extend it rather than adding arguments.

@@ -27,7 +27,13 @@ from collections.abc import Callable
 
 import msgspec
 
-from engine.executor.protocol import FromWorker, WorkerSpec, encode_spec, from_worker_decoder
+from engine.executor.protocol import (
+    EXIT_REPLACE_ME,
+    FromWorker,
+    WorkerSpec,
+    encode_spec,
+    from_worker_decoder,
+)
 from engine.executor.shm_queue import RingReader, RingWriter, ShmRing, frame_size
 from engine.messages import ModelInfo
 
@@ -38,6 +44,10 @@ class WorkerStartError(RuntimeError):
     """A worker process could not load the model or join the world."""
 
 
+class DeviceLayoutError(WorkerStartError):
+    """The workers' devices cannot form a world (refused before any worker starts)."""
+
+
 def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "is still running"
@@ -46,6 +56,8 @@ def describe_exit(returncode: int | None) -> str:
             return f"was killed by {signal.Signals(-returncode).name}"
         except ValueError:
             return f"was killed by signal {-returncode}"
+    if returncode == EXIT_REPLACE_ME:
+        return "left to be replaced (a CUDA error or a failed multi-rank task; see its log)"
     return f"exited with code {returncode}"
 
 

@@ -8,6 +8,11 @@ executor uses, and answers on its result ring. It blocks on an eventfd while idl
 It outlives neither the engine (a thread watches a pipe whose write end only the engine
 holds and exits the process on EOF) nor a Ctrl-C of the engine: it ignores SIGINT, which a
 terminal sends to the whole process group, and leaves when the engine says so or dies.
+
+A worker whose task left it unfit to go on (``Worker.fatal``: a sticky CUDA error, or a
+failed multi-rank task whose collectives may be out of step) answers that task, aborts
+its process group and exits with ``EXIT_REPLACE_ME``; the engine replaces it and forms a
+new world, as after any other death.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 import threading
 
 from engine.executor.protocol import (
+    EXIT_REPLACE_ME,
     FromWorker,
     Joined,
     JoinFailed,
@@ -106,6 +112,10 @@ def serve(spec: WorkerSpec, channel: Channel) -> int:
         for message in channel.receive():
             if isinstance(message, Task):
                 channel.send(worker.execute(message))
+                if worker.fatal is not None:
+                    logger.error("rank %d leaves to be replaced: %s", spec.rank, worker.fatal)
+                    world.leave(abort=True)
+                    return EXIT_REPLACE_ME
             elif isinstance(message, FreeRequests):
                 worker.free(message.request_ids)
             elif isinstance(message, JoinWorld):

@@ -190,8 +190,8 @@ class EDFPolicy(Policy):
             open_ranks = [k for k in accepting if not shares[k]
                           or images[k] + q.n <= view.batch_limit(Stage.ENCODE, q.shape, (k,))]
             if not open_ranks:
-                if accepting:
-                    break
+                if accepting or (view.starving(q) and not any(view.accepts_new(k, q) for k in free)):
+                    break  # full, or an old request waits for memory: none overtakes it
                 continue
             rank = min(open_ranks, key=lambda k: (load[k] / speed[k], k in rnd.slow, k))
             shares[rank].append(q)

@@ -26,8 +26,9 @@ class FCFSPolicy(Policy):
     always runs next, so no shape starves.
 
     With telemetry, batches are capped by memory (``SchedulerView.batch_limit``), new
-    requests skip ranks that cannot take their state (``accepts_new``), and a rank's load
-    counts as load / speed, so a device shared with a foreign job gets fewer of them.
+    requests skip ranks that cannot take their state (``accepts_new``) until they starve
+    (``starving``: then nothing newer is placed), and a rank's load counts as load /
+    speed, so a device shared with a foreign job gets fewer of them.
     """
 
     name = "fcfs"
@@ -73,8 +74,8 @@ class FCFSPolicy(Policy):
             open_ranks = [r for r in accepting if not placed[r]
                           or encoded[r] + request.n <= view.batch_limit(Stage.ENCODE, request.shape, (r,))]
             if not open_ranks:
-                if accepting:
-                    break  # every batch is full
+                if accepting or view.starving(request):
+                    break  # every batch is full, or an old request waits for memory: none overtakes it
                 continue  # no room for this request's state; a smaller one may fit
             rank = min(open_ranks, key=lambda r: (load[r] / speed[r], r))
             placed[rank].append(request)

@@ -60,6 +60,8 @@ class SchedulerView:
     headroom: dict[int, int] = field(default_factory=dict)
     # Predicts a task's activation memory (memory.py); None: no memory admission.
     memory: MemoryModel | None = None
+    # Seconds a new request may wait for memory while newer, smaller ones overtake it.
+    starvation_s: float = 60.0
 
     def waiting(self) -> list[Request]:
         """Requests not yet encoded (no state anywhere)."""
@@ -108,6 +110,13 @@ class SchedulerView:
     def memory_will_free(self) -> bool:
         """Whether some request holds state or runs: its end frees device memory."""
         return bool(self.running) or any(r.location is not None for r in self.requests)
+
+    def starving(self, request: Request) -> bool:
+        """Whether ``request`` has waited ``starvation_s`` or more. A request too large for
+        any rank's headroom would otherwise wait for ever while a steady stream of small
+        ones keeps memory in use; once it starves, policies place nothing newer, so the
+        running requests drain and it fits (or runs alone, see ``accepts_new``)."""
+        return self.now - request.arrival_time >= self.starvation_s
 
     def accepts_new(self, rank: int, request: Request) -> bool:
         """Whether ``rank`` may take ``request``'s new state: not nearly full, and one denoise

@@ -55,7 +55,8 @@ class _RunningTask:
 class Scheduler:
     def __init__(self, policy: Policy, num_workers: int, max_batch_size: int = 16,
                  steps_per_task: int = 1, max_retries: int = 1, degrees: tuple[int, ...] = (1,),
-                 memory: MemoryModel | None = None, max_batch_tokens: int | None = None) -> None:
+                 memory: MemoryModel | None = None, max_batch_tokens: int | None = None,
+                 starvation_s: float = 60.0) -> None:
         if num_workers < 1 or max_batch_size < 1 or steps_per_task < 1:
             raise ValueError("num_workers, max_batch_size and steps_per_task must be >= 1")
         self.policy = policy
@@ -64,6 +65,8 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.steps_per_task = steps_per_task
         self.max_retries = max_retries
+        # A new request held back this long for memory stops newer ones overtaking it.
+        self.starvation_s = starvation_s
         # Sequence-parallel degrees the model allows (its heads divide by them).
         self.degrees = tuple(d for d in degrees if d <= num_workers) or (1,)
         policy.validate(num_workers, self.degrees)
@@ -119,13 +122,14 @@ class Scheduler:
                     (running if r.in_flight else idle).append(r)
             idle.sort(key=lambda r: r.arrival_time)
             devices = self.devices
+            headroom = self._headroom()
             view = SchedulerView(
                 now=now, free_workers=free, num_workers=self.num_workers,
                 max_batch_size=self.max_batch_size, steps_per_task=self.steps_per_task,
                 requests=idle, resident_images=self._resident_images(), last_stage=dict(self.last_stage),
                 degrees=self.degrees, running=running, rank_speed={**devices.rank_speed, **self.rank_speed},
-                interfered=devices.interfered, nearly_full=devices.nearly_full, headroom=self._headroom(),
-                memory=self.memory, max_batch_tokens=self.max_batch_tokens)
+                interfered=devices.interfered, nearly_full=devices.nearly_full_given(headroom), headroom=headroom,
+                memory=self.memory, max_batch_tokens=self.max_batch_tokens, starvation_s=self.starvation_s)
             for plan in self.policy.plan(view):
                 admitted = admit(plan, view, self.requests)
                 if admitted is not None:
