@@ -45,6 +45,7 @@ from engine.executor.protocol import (
     Joined,
     JoinFailed,
     JoinWorld,
+    Leaving,
     Ready,
     Shutdown,
     StartFailed,
@@ -258,6 +259,8 @@ class MultiprocExecutor(Executor):
             handle.kill()
         elif isinstance(message, (Joined, JoinFailed)):
             self._join_answered(handle.rank, message)
+        elif isinstance(message, Leaving):
+            handle.leaving = message.reason  # its exit follows
 
     def _task_answered(self, task_id: int, rank: int) -> None:
         owed = self._inflight.get(task_id)

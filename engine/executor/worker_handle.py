@@ -79,6 +79,7 @@ class WorkerHandle:
                  on_exit: Callable[[WorkerHandle], None]) -> None:
         self.rank = spec.rank
         self.serving = False  # joined the world at least once; the scheduler may use it
+        self.leaving: str | None = None  # why the worker said it leaves (protocol.Leaving)
         self._loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[ModelInfo] = self._loop.create_future()
         self.exited: asyncio.Future[int] = self._loop.create_future()
@@ -177,4 +178,6 @@ class WorkerHandle:
 
     @property
     def exit_reason(self) -> str:
+        if self.leaving is not None and self.process.returncode == EXIT_REPLACE_ME:
+            return f"worker {self.rank} (pid {self.pid}) left to be replaced: {self.leaving}"
         return f"worker {self.rank} (pid {self.pid}) {describe_exit(self.process.returncode)}"

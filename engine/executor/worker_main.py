@@ -10,9 +10,10 @@ holds and exits the process on EOF) nor a Ctrl-C of the engine: it ignores SIGIN
 terminal sends to the whole process group, and leaves when the engine says so or dies.
 
 A worker whose task left it unfit to go on (``Worker.fatal``: a sticky CUDA error, or a
-failed multi-rank task whose collectives may be out of step) answers that task, aborts
-its process group and exits with ``EXIT_REPLACE_ME``; the engine replaces it and forms a
-new world, as after any other death.
+failed multi-rank task whose collectives may be out of step) says why (``Leaving``)
+instead of answering that task, aborts its process group and exits with
+``EXIT_REPLACE_ME``; the engine replaces it and forms a new world, as after any other
+death, and the task's requests start over.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from engine.executor.protocol import (
     Joined,
     JoinFailed,
     JoinWorld,
+    Leaving,
     Ready,
     Shutdown,
     StartFailed,
@@ -111,11 +113,15 @@ def serve(spec: WorkerSpec, channel: Channel) -> int:
     while True:
         for message in channel.receive():
             if isinstance(message, Task):
-                channel.send(worker.execute(message))
+                result = worker.execute(message)
                 if worker.fatal is not None:
+                    # No result: the engine treats the task as lost with this worker, so its
+                    # requests start over (up to max_retries) on a sound one.
                     logger.error("rank %d leaves to be replaced: %s", spec.rank, worker.fatal)
+                    channel.send(Leaving(worker.fatal))
                     world.leave(abort=True)
                     return EXIT_REPLACE_ME
+                channel.send(result)
             elif isinstance(message, FreeRequests):
                 worker.free(message.request_ids)
             elif isinstance(message, JoinWorld):
