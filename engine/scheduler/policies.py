@@ -27,7 +27,7 @@ class FCFSPolicy(Policy):
 
     With telemetry, batches are capped by memory (``SchedulerView.batch_limit``), new
     requests skip ranks that cannot take their state (``accepts_new``) until they starve
-    (``starving``: then nothing newer is placed), and a rank's load counts as load /
+    (``starved_since``: then nothing newer is placed), and a rank's load counts as load /
     speed, so a device shared with a foreign job gets fewer of them.
     """
 
@@ -69,13 +69,16 @@ class FCFSPolicy(Policy):
         load = {rank: view.load(rank) for rank in ranks}
         speed = {rank: view.speed((rank,)) for rank in ranks}
         encoded = dict.fromkeys(ranks, 0)
+        starved = view.starved_since(ranks)
         for request in sorted(view.waiting(), key=self.sort_key):
+            if starved is not None and request.arrival_time > starved:
+                continue  # an older request waits for memory: nothing newer overtakes it
             accepting = [r for r in ranks if view.accepts_new(r, request)]
             open_ranks = [r for r in accepting if not placed[r]
                           or encoded[r] + request.n <= view.batch_limit(Stage.ENCODE, request.shape, (r,))]
             if not open_ranks:
-                if accepting or view.starving(request):
-                    break  # every batch is full, or an old request waits for memory: none overtakes it
+                if accepting:
+                    break  # every batch is full
                 continue  # no room for this request's state; a smaller one may fit
             rank = min(open_ranks, key=lambda r: (load[r] / speed[r], r))
             placed[rank].append(request)
