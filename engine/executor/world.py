@@ -18,6 +18,7 @@ it, and the process with it, and the engine replaces the process.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -33,12 +34,15 @@ COLLECTIVE_TIMEOUT_S = 600.0
 
 
 class World:
-    def __init__(self, spec: WorkerSpec, dist: Any = None) -> None:
-        """``dist`` stands in for ``torch.distributed`` in tests."""
+    def __init__(self, spec: WorkerSpec, dist: Any = None,
+                 collectives: Callable[[WorkerSpec, int, WorldSpec | None], Collectives] | None = None) -> None:
+        """``dist`` and ``collectives`` stand in for ``torch.distributed`` and
+        ``make_collectives`` in tests."""
         if dist is None:
             import torch.distributed as dist
 
         self.dist = dist
+        self._make_collectives = collectives or make_collectives
         self.spec = spec
         self.epoch: int | None = None
         self.comm: Collectives | None = None
@@ -65,7 +69,7 @@ class World:
         group_timeout = timedelta(seconds=collective_timeout_s(spec)) if self.backend == "nccl" else timeout
         dist.init_process_group(self.backend, store=store, rank=spec.rank, world_size=world_size,
                                 timeout=group_timeout, device_id=device_id)
-        self.comm = make_collectives(spec, world_size, channels)
+        self.comm = self._make_collectives(spec, world_size, channels)
         dist.barrier()
         self.epoch = epoch
         logger.info("rank %d joined world epoch %d (%d ranks, %s)", spec.rank, epoch, world_size,
