@@ -3,7 +3,8 @@
 NVML is a management library: it never creates a CUDA context, so the engine process can
 read every GPU without touching CUDA. Every call here runs on the telemetry thread.
 
-Rank r runs on CUDA ordinal ``r % visible`` (engine/executor/multiproc.py). CUDA ordinals
+Rank r runs on CUDA ordinal ``r`` (engine/executor/multiproc.py, which refuses more GPU
+workers than GPUs visible: NCCL needs one GPU per rank). CUDA ordinals
 count the devices in ``CUDA_VISIBLE_DEVICES`` (when set), and NVML counts every device on
 the machine, so ordinal k is NVML device k only when nothing is hidden. The mapping reads
 the variable: an integer entry is an NVML index (exact with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``,

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.device_monitor import DeviceMonitor
 from engine.pid_namespace import INITIAL_PID_NAMESPACE, PidNamespace
@@ -85,3 +86,4 @@ def test_the_flag_reaches_the_engine_config(flag, value):
     assert options.get("detect_foreign_processes") == value
     config = EngineConfig.create(**options)
     assert config.telemetry.detect_foreign_processes is (True if value is None else value)
+    assert AsyncEngine(config).devices.detect_foreign is config.telemetry.detect_foreign_processes
