@@ -37,7 +37,7 @@ from engine.executor.device_ops import DeviceOps, device_ops, is_sticky_cuda_err
 from engine.executor.migration import run_migrations
 from engine.image_codec import encode_image
 from engine.messages import ItemResult, Stage, Task, TaskResult
-from engine.models.base import DiTAdapter, RequestState
+from engine.models.base import ModelRunner, RequestState
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def preview_steps(num_steps: int, partial_images: int) -> set[int]:
 
 
 class Worker:
-    def __init__(self, rank: int, adapter: DiTAdapter, comm: Collectives | None = None,
+    def __init__(self, rank: int, adapter: ModelRunner, comm: Collectives | None = None,
                  attention_backend: str = "sdpa", ops: DeviceOps | None = None) -> None:
         self.rank = rank
         self.adapter = adapter
@@ -58,7 +58,8 @@ class Worker:
         self.sp = SequenceParallel(comm, attention_backend)
         # Why this worker must not run another task (see the module docstring); None: fine.
         self.fatal: str | None = None
-        install(adapter.transformer, adapter.family, self.sp)
+        if adapter.info().sequence_parallel:
+            install(adapter.transformer, adapter.family, self.sp)
 
     def set_collectives(self, comm: Collectives | None) -> None:
         """Join (or, with None, leave) the world's group-free collectives."""
@@ -112,7 +113,9 @@ class Worker:
 
     def free(self, request_ids: list[str]) -> None:
         for rid in request_ids:
-            self.states.pop(rid, None)
+            state = self.states.pop(rid, None)
+            if state is not None:
+                self.adapter.release(state)
 
     def _states(self, task: Task) -> tuple[list[RequestState], list[ItemResult]]:
         found, missing = [], []
@@ -126,9 +129,9 @@ class Worker:
 
     def _encode(self, task: Task) -> list[ItemResult]:
         news = task.new_requests
-        embeds = self.adapter.encode([r.prompt for r in news], [r.params for r in news])
-        for new, (cond, uncond) in zip(news, embeds):
-            self.states[new.request_id] = self.adapter.prepare(new.request_id, new.params, cond, uncond)
+        states = self.adapter.new_states([r.request_id for r in news], [r.prompt for r in news],
+                                         [r.params for r in news])
+        self.states.update((new.request_id, state) for new, state in zip(news, states))
         return [ItemResult(r.request_id, 0) for r in news]
 
     def _denoise(self, task: Task, lead: bool) -> list[ItemResult]:
@@ -152,7 +155,7 @@ class Worker:
             return items
         for state, pixels in zip(states, self.adapter.decode(states)):
             item = ItemResult(state.request_id, state.step, images=[self._encode_pixels(p, state) for p in pixels])
-            if state.params.return_latents:
+            if state.params.return_latents and state.latents is not None:
                 latents = state.latents.detach().to("cpu", torch.float32).numpy()
                 item.latents = np.ascontiguousarray(latents).tobytes()
                 item.latents_shape = list(latents.shape)
