@@ -28,6 +28,8 @@ class ModelConfig:
     """auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
     attention_backend: str = "auto"
     """auto, sdpa or xformers (xformers only where CUDA and a matching build exist)."""
+    compile: bool = False
+    """torch.compile (inductor) the transformer's repeated blocks; the first steps at a new batch layout or image size pay the compile, logged."""
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,12 @@ def add_engine_args(parser: argparse.ArgumentParser, *, with_model: bool = True)
             if f.name == "model" and not with_model:
                 continue
             flag = "--" + f.name.replace("_", "-")
+            help_text = f"{_doc(cls, f.name)} (default: {f.default})"
+            if str(f.type) == "bool":
+                group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+                continue
             kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-            default = f.default
-            group.add_argument(flag, dest=f.name, type=kind, default=None,
-                               help=f"{_doc(cls, f.name)} (default: {default})")
+            group.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
     for name in _LIMIT_FIELDS:
         group.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
                            help=f"{_LIMIT_HELP[name]} (default: {getattr(Limits(), name)})")

@@ -31,7 +31,7 @@ class InProcessExecutor(Executor):
         adapter = await self._loop.run_in_executor(
             self._thread, load_adapter, model.model, model.device, model.dtype)
         backend = resolve_attention_backend(model.attention_backend, adapter.device)
-        self._worker = Worker(0, adapter, attention_backend=backend)
+        self._worker = Worker(0, adapter, attention_backend=backend, compile=model.compile)
         return adapter.info()
 
     def worker_pids(self) -> dict[int, int]:

@@ -26,6 +26,7 @@ from engine.executor.migration import run_migrations
 from engine.image_codec import encode_image
 from engine.messages import ItemResult, Stage, Task, TaskResult
 from engine.models.base import DiTAdapter, RequestState
+from engine.models.compile import CompileStats, compile_repeated_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,15 @@ def preview_steps(num_steps: int, partial_images: int) -> set[int]:
 
 class Worker:
     def __init__(self, rank: int, adapter: DiTAdapter, comm: Collectives | None = None,
-                 attention_backend: str = "sdpa") -> None:
+                 attention_backend: str = "sdpa", compile: bool = False) -> None:
         self.rank = rank
         self.adapter = adapter
         self.states: dict[str, RequestState] = {}
         self.sp = SequenceParallel(comm, attention_backend)
         install(adapter.transformer, adapter.family, self.sp)
+        # Compiled blocks serve degree-1 steps; wider groups run them eagerly (compile.py).
+        self.compile_stats: CompileStats | None = (
+            compile_repeated_blocks(adapter.transformer, eager_when=lambda: self.sp.active) if compile else None)
 
     def set_collectives(self, comm: Collectives | None) -> None:
         """Join (or, with None, leave) the world's group-free collectives."""
