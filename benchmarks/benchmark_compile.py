@@ -21,7 +21,7 @@ had that size), recompiles (graphs compiled after the first step), graphs (all g
 compiled), first_step_compile_s (the first step's part of compile_time_s, what start-up
 costs), backend_compile_s (time inside inductor alone), eager_step_ms and compiled_step_ms
 (medians over the steps that compiled nothing), max_abs_diff (final latents), batch_sizes
-(requests per step), model, size, steps, device, torch_threads, cache (cold or warm).
+(requests per step), model, size, steps, device, torch_threads, cache (cold or warm), backend.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0, help="seeds the batch-size draw")
+    parser.add_argument("--backend", default="inductor",
+                        help="torch.compile backend (eager: dynamo's tracing alone, for dry runs)")
     parser.add_argument("--cache-dir", default=None,
                         help="inductor's cache directory, kept (default: a fresh temporary one: a cold start)")
     parser.add_argument("--json", default=None)
@@ -68,7 +70,7 @@ def main() -> None:
 
     eager = load_adapter(args.model, args.device, args.dtype)
     compiled = load_adapter(args.model, args.device, args.dtype)
-    stats = compile_repeated_blocks(compiled.transformer)
+    stats = compile_repeated_blocks(compiled.transformer, backend=args.backend)
     on_gpu = eager.device.type == "cuda"
 
     def pool(adapter):
@@ -115,11 +117,11 @@ def main() -> None:
         "compiled_step_ms": statistics.median(r[2] for r in steady) * 1e3 if steady else float("nan"),
         "max_abs_diff": diff, "batch_sizes": sizes, "model": args.model, "size": args.size,
         "steps": args.steps, "device": str(eager.device), "torch_threads": torch.get_num_threads(),
-        "cache": "warm" if warm else "cold",
+        "cache": "warm" if warm else "cold", "backend": args.backend,
     }
     write_json(args.json, figures)
     print_table(f"compile: {args.model} {args.size}x{args.size}, {args.steps} steps of 1-{args.max_requests} "
-                f"requests, {figures['device']}, inductor cache {figures['cache']}", [
+                f"requests, {figures['device']}, {args.backend}, cache {figures['cache']}", [
         ("measure", "value"),
         ("eager step, median (ms)", f"{figures['eager_step_ms']:.1f}"),
         ("compiled step, median (ms)", f"{figures['compiled_step_ms']:.1f}"),

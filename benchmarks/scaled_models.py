@@ -55,14 +55,19 @@ def scaled_transformer(family: str, layers: int, single_layers: int = 0) -> torc
 
 
 def scaled_pipeline(family: str, layers: int, single_layers: int = 0, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32, seed: int = 0) -> DiffusionPipeline:
-    """The tiny preset's pipeline with a real-width transformer, built on ``device``."""
+                    dtype: torch.dtype = torch.float32, seed: int = 0, tiny: bool = False) -> DiffusionPipeline:
+    """The tiny preset's pipeline with a real-width transformer, built on ``device``
+    (``tiny``: the preset's own width with these layer counts, for dry runs on a CPU)."""
     base = build_preset(PRESET_OF[family])
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         if device.startswith("cuda"):
             torch.cuda.manual_seed(seed)
-        transformer = scaled_transformer(family, layers, single_layers)
+        if tiny:
+            counts = {"num_layers": layers, **({"num_single_layers": single_layers} if family == "flux" else {})}
+            transformer = type(base.transformer).from_config({**base.transformer.config, **counts})
+        else:
+            transformer = scaled_transformer(family, layers, single_layers)
     pipe = type(base)(**{**base.components, "transformer": transformer})
     pipe.to(device=device, dtype=dtype)
     for component in pipe.components.values():
@@ -85,13 +90,14 @@ def main() -> None:
                         help="where the weights are drawn (a GPU draws them far faster)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="saved dtype")
     parser.add_argument("--out", required=True, help="folder to save the diffusers pipeline to")
+    parser.add_argument("--tiny", action="store_true", help="the preset's tiny width instead (dry runs)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     pipe = scaled_pipeline(args.family, args.layers, args.single_layers if args.family == "flux" else 0,
-                           args.device, dtype)
+                           args.device, dtype, tiny=args.tiny)
     pipe.save_pretrained(args.out)
     full = FULL_LAYERS[args.family]
-    print(f"saved {args.family} at full width, {args.layers}+{args.single_layers if args.family == 'flux' else 0} "
+    print(f"saved {args.family} at {'tiny' if args.tiny else 'full'} width, {args.layers}+{args.single_layers if args.family == 'flux' else 0} "
           f"layers of {full[0]}+{full[1]}, {parameters(pipe) / 1e9:.2f}B transformer parameters, to {args.out}")
 
 
