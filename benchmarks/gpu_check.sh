@@ -49,7 +49,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTH
 model="$work/flux-sized"
 gpu_tests="$(grep -rlE --include='test_*.py' 'pytest\.mark\.gpu' tests | sort | tr '\n' ' ')"
 steps=(env model tests throughput overhead tflops compile)
-declare -A limit=([env]=60 [model]=120 [tests]=240 [throughput]=150 [overhead]=120 [tflops]=90 [compile]=150)
+declare -A limit=([env]=60 [model]=120 [tests]=270 [throughput]=150 [overhead]=120 [tflops]=90 [compile]=150)
 
 # The command of each step, on the GPU or (cpu) at tiny sizes for the dry run.
 commands() {
