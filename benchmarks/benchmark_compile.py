@@ -75,10 +75,10 @@ def main() -> None:
 
     def pool(adapter):
         params = [ImageParams(width=args.size, height=args.size, num_inference_steps=args.steps + 1, seed=i,
-                              guidance_scale=adapter.default_guidance, negative_prompt="", n=1,
+                              guidance_scale=adapter.info().default_guidance, negative_prompt="", n=1,
                               output_format="raw") for i in range(args.max_requests)]
-        embeds = adapter.encode([f"a castle over the sea, number {i}" for i in range(len(params))], params)
-        return [adapter.prepare(str(i), p, c, u) for i, (p, (c, u)) in enumerate(zip(params, embeds))]
+        return adapter.new_states([str(i) for i in range(len(params))],
+                                  [f"a castle over the sea, number {i}" for i in range(len(params))], params)
 
     def timed_step(adapter, states) -> float:
         if on_gpu:

@@ -110,10 +110,10 @@ def main() -> None:
     adapter = load_adapter(args.model, args.device, args.dtype)
     steps = args.warmup + args.iters + 2
     params = [ImageParams(width=args.size, height=args.size, num_inference_steps=steps, seed=i, n=1,
-                          guidance_scale=adapter.default_guidance, negative_prompt="", output_format="raw")
+                          guidance_scale=adapter.info().default_guidance, negative_prompt="", output_format="raw")
               for i in range(args.batch)]
-    embeds = adapter.encode([f"a castle over the sea, number {i}" for i in range(args.batch)], params)
-    states = [adapter.prepare(str(i), p, c, u) for i, (p, (c, u)) in enumerate(zip(params, embeds))]
+    states = adapter.new_states([str(i) for i in range(args.batch)],
+                                [f"a castle over the sea, number {i}" for i in range(args.batch)], params)
     rows = sum(s.n for s in states) * (2 if states[0].uncond is not None else 1)
 
     matmul, attention = count_flops(adapter, states)

@@ -24,8 +24,8 @@ from tests.helpers import STAGGERED, assert_matches_pipeline, run_staggered
 def _states(adapter, guidance_scales: list[float]):
     params = [ImageParams(width=64, height=64, num_inference_steps=4, guidance_scale=g, seed=i, n=1,
                           negative_prompt="", output_format="raw") for i, g in enumerate(guidance_scales)]
-    embeds = adapter.encode([f"a prompt {i}" for i in range(len(params))], params)
-    return [adapter.prepare(str(i), p, cond, uncond) for i, (p, (cond, uncond)) in enumerate(zip(params, embeds))]
+    return adapter.new_states([str(i) for i in range(len(params))], [f"a prompt {i}" for i in range(len(params))],
+                              params)
 
 
 @pytest.fixture(scope="module")
