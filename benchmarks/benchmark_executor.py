@@ -119,7 +119,9 @@ def measure_step_overhead(args: argparse.Namespace) -> dict[str, float]:
     keep_freed_memory()  # as the worker does: the sides differ by the engine alone
     params = ImageParams(width=args.size, height=args.size, num_inference_steps=args.overhead_steps, seed=1,
                          output_format="raw")
-    with DiT(model=args.model, device=args.device, num_workers=1, executor="multiprocess") as dit:
+    # SDPA on both sides (auto would pick xformers on a GPU where it works; the bare side is diffusers').
+    with DiT(model=args.model, device=args.device, num_workers=1, executor="multiprocess",
+             attention_backend="sdpa") as dit:
         adapter = load_adapter(args.model, args.device)
         timer = CallTimer(adapter.transformer)
         resolved = dit.engine.resolve_params(params)

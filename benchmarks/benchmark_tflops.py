@@ -135,7 +135,7 @@ def main() -> None:
     figures = {
         "tflops": tflops, "transformer_ms": call_s * 1e3, "flops": flops, "matmul_flops": matmul,
         "attention_flops": attention, "rows": rows,
-        "image_tokens": (args.size // info.size_multiple) ** 2,
+        "image_tokens": info.image_tokens(args.size, args.size),
         "matmul_ceiling_tflops": ceiling, "fraction_of_ceiling": tflops / ceiling if ceiling else 0.0,
         "step_wall_ms": wall / args.iters * 1e3, "model": args.model, "size": args.size, "batch": args.batch,
         "device": str(adapter.device), "dtype": info.dtype, "iters": args.iters,

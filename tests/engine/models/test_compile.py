@@ -115,7 +115,7 @@ async def test_compiled_engine_on_cuda_matches_diffusers(scaled_folders):
 
     folder = scaled_folders("pixart")
     engine = await AsyncEngine.create(model=folder, device="cuda", dtype="bfloat16", executor="inprocess",
-                                      compile=True, telemetry_period_s=0)
+                                      attention_backend="sdpa", compile=True, telemetry_period_s=0)
     try:
         outputs = await run_staggered(engine, REQUESTS_512, width=512, height=512)
         stats = engine.executor._worker.compile_stats

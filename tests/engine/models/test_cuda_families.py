@@ -21,7 +21,7 @@ async def test_bf16_engine_matches_diffusers_at_512(scaled_folders, family):
 
     folder = scaled_folders(family)
     engine = await AsyncEngine.create(model=folder, device="cuda", dtype="bfloat16", executor="inprocess",
-                                      telemetry_period_s=0)
+                                      attention_backend="sdpa", telemetry_period_s=0)
     try:
         assert engine.model_info.dtype == "bfloat16"
         outputs = await run_staggered(engine, REQUESTS_512, width=512, height=512)
