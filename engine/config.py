@@ -30,6 +30,8 @@ class ModelConfig:
     """auto, sdpa or xformers (xformers only where CUDA and a matching build exist)."""
     backend: str = "auto"
     """auto (a native adapter where the family has one, else the whole diffusers pipeline per request) or diffusers (always the whole pipeline: no step batching, no sequence parallelism)."""
+    compile: bool = False
+    """torch.compile (inductor) the transformer's repeated blocks; the first steps at a new batch layout or image size pay the compile, logged."""
 
 
 @dataclass(frozen=True)

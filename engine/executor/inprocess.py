@@ -40,7 +40,8 @@ class InProcessExecutor(Executor):
         adapter = await self._loop.run_in_executor(
             self._thread, load_adapter, model.model, model.device, model.dtype, model.backend)
         backend = resolve_attention_backend(model.attention_backend, adapter.device)
-        self._worker = Worker(0, adapter, attention_backend=backend, ops=self._device_ops)
+        self._worker = Worker(0, adapter, attention_backend=backend, ops=self._device_ops,
+                              compile=model.compile)
         return adapter.info()
 
     def worker_pids(self) -> dict[int, int]:

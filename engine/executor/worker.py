@@ -38,6 +38,7 @@ from engine.executor.migration import run_migrations
 from engine.image_codec import encode_image
 from engine.messages import ItemResult, Stage, Task, TaskResult
 from engine.models.base import ModelRunner, RequestState
+from engine.models.compile import CompileStats, compile_repeated_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def preview_steps(num_steps: int, partial_images: int) -> set[int]:
 
 class Worker:
     def __init__(self, rank: int, adapter: ModelRunner, comm: Collectives | None = None,
-                 attention_backend: str = "sdpa", ops: DeviceOps | None = None) -> None:
+                 attention_backend: str = "sdpa", ops: DeviceOps | None = None,
+                 compile: bool = False) -> None:
         self.rank = rank
         self.adapter = adapter
         self.ops = ops or device_ops(adapter.device)
@@ -60,6 +62,9 @@ class Worker:
         self.fatal: str | None = None
         if adapter.info().sequence_parallel:
             install(adapter.transformer, adapter.family, self.sp)
+        # Compiled blocks serve degree-1 steps; wider groups run them eagerly (compile.py).
+        self.compile_stats: CompileStats | None = (
+            compile_repeated_blocks(adapter.transformer, eager_when=lambda: self.sp.active) if compile else None)
 
     def set_collectives(self, comm: Collectives | None) -> None:
         """Join (or, with None, leave) the world's group-free collectives."""

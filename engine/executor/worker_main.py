@@ -90,7 +90,7 @@ def load_worker(spec: WorkerSpec):
 
     adapter = load_adapter(spec.model.model, spec.device, spec.model.dtype, spec.model.backend)
     backend = resolve_attention_backend(spec.model.attention_backend, adapter.device)
-    worker = Worker(spec.rank, adapter, attention_backend=backend)
+    worker = Worker(spec.rank, adapter, attention_backend=backend, compile=spec.model.compile)
     if spec.worker_hook:
         module_name, _, function = spec.worker_hook.partition(":")
         getattr(importlib.import_module(module_name), function)(worker)
