@@ -21,6 +21,7 @@ from engine.stats import RequestStats, TaskStats
 
 if TYPE_CHECKING:
     from engine.async_engine import AsyncEngine
+    from engine.client import EngineClient
 
 # Outcomes of a request: the engine's three ends, and the refusals of a front end.
 OUTCOMES = ("finished", "failed", "aborted", "rejected", "queue_full")
@@ -31,15 +32,15 @@ __all__ = ["CONTENT_TYPE_LATEST", "EngineMetrics"]
 
 
 class EngineMetrics:
-    """Observes an engine (``engine.add_observer``) and renders the Prometheus text format."""
+    """Observes an engine client (``add_observer``) and renders the Prometheus text format."""
 
-    def __init__(self, engine: AsyncEngine, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, engine: EngineClient, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.queue_depth = Gauge("gfdit_queue_depth", "Requests waiting for their first task.", registry=r)
-        self.queue_depth.set_function(lambda: engine.scheduler.num_waiting)
+        self.queue_depth.set_function(lambda: engine.load().waiting)
         self.running = Gauge("gfdit_running_requests", "Requests whose state lives on a worker.", registry=r)
-        self.running.set_function(lambda: engine.scheduler.num_running)
+        self.running.set_function(lambda: engine.load().running)
         self.requests = Counter("gfdit_requests", "Requests by how they ended.", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
@@ -58,11 +59,8 @@ class EngineMetrics:
                                  "peak and the worker's actual one.", ["stage", "kind"], registry=r)
         self.underpredicted = Counter("gfdit_memory_underpredicted_tasks",
                                       "Tasks whose actual memory peak exceeded the prediction.", registry=r)
-        self.admission_cuts = Gauge("gfdit_memory_admission_cut_requests",
-                                    "Requests memory admission held back from a planned task (since start).",
-                                    registry=r)
-        self.admission_cuts.set_function(lambda: engine.scheduler.admission_cuts)
-        r.register(DeviceCollector(engine))
+        for collector in engine.metric_collectors():
+            r.register(collector)
         engine.add_observer(self)
 
     # ----- EngineObserver ------------------------------------------------------------
@@ -94,6 +92,21 @@ class EngineMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def local_collectors(engine: AsyncEngine) -> list[Collector]:
+    """What only an engine in this process can report: memory admission and its devices."""
+    return [AdmissionCollector(engine), DeviceCollector(engine)]
+
+
+class AdmissionCollector(Collector):
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("gfdit_memory_admission_cut_requests",
+                                "Requests memory admission held back from a planned task (since start).",
+                                value=float(self.engine.scheduler.admission_cuts))
 
 
 # (name, help, value of a DeviceStats or None): the per-device gauges read from NVML.
