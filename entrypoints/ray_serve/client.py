@@ -70,6 +70,7 @@ class RayEngineClient:
         self.app_name = app_name
         self._handle = handle
         self._owns_ray = owns_ray
+        self._owns_app = True
         self._closed = False
         self._inflight: dict[str, _InFlight] = {}
         self._observers: list[EngineObserver] = []
@@ -98,6 +99,20 @@ class RayEngineClient:
             raise
         logger.info("%s on Ray Serve: %s", info.name, _describe(options))
         return cls(config, options, handle, info, app_name=app_name, owns_ray=owns_ray)
+
+    @classmethod
+    async def attach(cls, app_name: str = APP_NAME, *, address: str | None = None) -> RayEngineClient:
+        """A client of replicas someone else deployed (a Serve config, a KubeRay RayService):
+        the engine's config and model come from a replica; shutting down leaves them running."""
+        if not ray.is_initialized():
+            await asyncio.to_thread(ray.init, address=address)
+        handle = await asyncio.to_thread(serve.get_app_handle, app_name)
+        config = await handle.engine_config.remote()
+        info = await handle.model_info.remote()
+        client = cls(config, ReplicaOptions(num_replicas=None, max_replicas=1), handle, info,
+                     app_name=app_name, owns_ray=False)
+        client._owns_app = False
+        return client
 
     # ----- EngineClient --------------------------------------------------------------
     @property
@@ -227,7 +242,8 @@ class RayEngineClient:
         self._closed = True
         for request_id in list(self._inflight):
             await self.abort(request_id)
-        await asyncio.to_thread(_teardown, self.app_name, self._owns_ray)
+        if self._owns_app:
+            await asyncio.to_thread(_teardown, self.app_name, self._owns_ray)
         self.model_info = None
 
     # ----- observers -----------------------------------------------------------------

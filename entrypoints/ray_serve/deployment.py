@@ -14,6 +14,7 @@ from typing import Any
 from ray import serve
 from ray.serve.config import AutoscalingConfig
 
+from engine.config import EngineConfig
 from entrypoints.ray_serve.replica import EngineReplica
 
 APP_NAME = "gfdit"
@@ -91,3 +92,16 @@ def replica_engine_options(engine_options: dict[str, Any], options: ReplicaOptio
 def build_app(engine_options: dict[str, Any], options: ReplicaOptions) -> serve.Application:
     deployment = serve.deployment(EngineReplica).options(**options.deployment_options())
     return deployment.bind(replica_engine_options(engine_options, options))
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The replicas as a Serve config deploys them (``import_path:
+    entrypoints.ray_serve.deployment:app_builder``, e.g. a KubeRay RayService's
+    ``serveConfigV2``): ``args`` = ``{"engine": {engine options}, "replicas": {ReplicaOptions
+    fields}}``. Unknown names raise, as on the command line."""
+    unknown = set(args) - {"engine", "replicas"}
+    if unknown:
+        raise ValueError(f"unknown app args {sorted(unknown)}; expected 'engine' and 'replicas'")
+    engine_options = dict(args.get("engine") or {})
+    EngineConfig.create(**engine_options)  # bad options fail at deploy time, naming the option
+    return build_app(engine_options, ReplicaOptions(**(args.get("replicas") or {})))

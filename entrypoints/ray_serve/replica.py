@@ -21,6 +21,7 @@ import ray
 from ray import serve
 
 from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.config import EngineConfig
 from engine.messages import ModelInfo
 from engine.outputs import RequestAbortedError, RequestFailedError, RequestOutput
 from engine.request import ImageParams, InvalidParamsError
@@ -76,6 +77,18 @@ def expose_bundle_gpus() -> None:
     logger.info("replica workers on GPUs %s", os.environ["CUDA_VISIBLE_DEVICES"])
 
 
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """What one replica holds now (for operators and tests; Serve routes on its own counts)."""
+
+    replica_id: str
+    unfinished: int
+    waiting: int
+    running: int
+    pids: list[int]
+    """The replica's process and its engine's workers."""
+
+
 class EngineReplica:
     """The Serve deployment class (``deployment.build_app`` wraps it in ``serve.deployment``)."""
 
@@ -101,6 +114,9 @@ class EngineReplica:
         assert self.engine.model_info is not None
         return self.engine.model_info
 
+    def engine_config(self) -> EngineConfig:
+        return self.engine.config
+
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes it replace the replica."""
         if not self.engine.is_running:
@@ -123,9 +139,10 @@ class EngineReplica:
         except EngineDeadError as exc:
             yield ReplicaItem(error=ReplicaError("dead", str(exc)))
 
-    def pids(self) -> list[int]:
-        """This replica's process and its engine's workers (tests check they all end)."""
-        return [os.getpid(), *self.engine.executor.worker_pids().values()]
+    def status(self) -> ReplicaStatus:
+        load = self.engine.load()
+        return ReplicaStatus(self.replica_id, self.engine.num_unfinished, load.waiting, load.running,
+                             [os.getpid(), *self.engine.executor.worker_pids().values()])
 
     def _take_tasks(self) -> list[TaskStats]:
         tasks, self._tasks = self._tasks, []
