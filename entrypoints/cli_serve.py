@@ -57,10 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--workers-per-replica", type=int, default=1,
                      help="engine workers per replica, one placement-group bundle (GPU or CPU) each, "
                           "all on one node (default: 1)")
-    ray.add_argument("--max-ongoing-per-replica", type=int, default=64,
-                     help="requests Serve sends one replica at once; more wait in Serve's queue (default: 64)")
-    ray.add_argument("--target-ongoing-per-replica", type=float, default=8.0,
-                     help="autoscale: ongoing requests per replica Serve aims for (default: 8)")
+    ray.add_argument("--max-ongoing-per-replica", type=int, default=None,
+                     help="requests Serve sends one replica at once; more wait in Serve's queue "
+                          "(default: twice the max batch size)")
+    ray.add_argument("--target-ongoing-per-replica", type=float, default=None,
+                     help="autoscale: ongoing requests per replica Serve aims for (default: the max batch size)")
     add_engine_args(parser, with_model=False)
 
 

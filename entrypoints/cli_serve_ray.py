@@ -41,7 +41,12 @@ def serve_on_ray(args: argparse.Namespace, engine_options: dict[str, Any], confi
         raise SystemExit(f"gfdit serve: {exc}") from None
     if options.gpus_per_worker == 0 and device == "auto":
         engine_options = {**engine_options, "device": "cpu"}
-    asyncio.run(serve(engine_options, config, replicas=(options, args.ray_address)))
+    try:
+        asyncio.run(serve(engine_options, config, replicas=(options, args.ray_address)))
+    except (TypeError, ValueError) as exc:  # a bad engine option, checked before anything deploys
+        raise SystemExit(f"gfdit serve: {exc}") from None
+    except RuntimeError as exc:  # Serve could not start the replicas (its message says why)
+        raise SystemExit(f"gfdit serve --ray: the replicas did not start: {str(exc).strip().splitlines()[0]}") from None
     return 0
 
 

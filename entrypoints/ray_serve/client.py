@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import RequestCancelledError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from engine.async_engine import EngineDeadError
 from engine.client import EngineLoad, Unhealthy
@@ -53,7 +53,7 @@ class ReplicaLost(Exception):
 @dataclass
 class _InFlight:
     arrival: float
-    stream: DeploymentResponseGenerator | None = None
+    call: DeploymentResponse | DeploymentResponseGenerator | None = None
     replica: str | None = None
     started: bool = False
     aborted: bool = False
@@ -63,14 +63,15 @@ class RayEngineClient:
     """An engine client whose engines are Serve replicas (``EngineReplica``)."""
 
     def __init__(self, config: EngineConfig, options: ReplicaOptions, handle: DeploymentHandle,
-                 model_info: ModelInfo, *, app_name: str, owns_ray: bool) -> None:
+                 model_info: ModelInfo, *, app_name: str, owns_ray: bool, owns_app: bool = True) -> None:
+        """``owns_ray``/``owns_app``: whether shutting down stops Ray / deletes the replicas."""
         self.config = config
         self.options = options
         self.model_info: ModelInfo | None = model_info
         self.app_name = app_name
         self._handle = handle
         self._owns_ray = owns_ray
-        self._owns_app = True
+        self._owns_app = owns_app
         self._closed = False
         self._inflight: dict[str, _InFlight] = {}
         self._observers: list[EngineObserver] = []
@@ -109,10 +110,8 @@ class RayEngineClient:
         handle = await asyncio.to_thread(serve.get_app_handle, app_name)
         config = await handle.engine_config.remote()
         info = await handle.model_info.remote()
-        client = cls(config, ReplicaOptions(num_replicas=None, max_replicas=1), handle, info,
-                     app_name=app_name, owns_ray=False)
-        client._owns_app = False
-        return client
+        return cls(config, ReplicaOptions(num_replicas=None, max_replicas=1), handle, info,
+                   app_name=app_name, owns_ray=False, owns_app=False)
 
     # ----- EngineClient --------------------------------------------------------------
     @property
@@ -168,42 +167,50 @@ class RayEngineClient:
             status = RequestStatus.FAILED
             raise
         finally:
-            if record.stream is not None and status != RequestStatus.FINISHED:
-                record.stream.cancel()
+            if record.call is not None and status != RequestStatus.FINISHED:
+                record.call.cancel()
             del self._inflight[request_id]
             self._observe_request(request_id, record, status, final)
 
     async def _attempt(self, request_id: str, prompt: str, params: ImageParams, progress: bool,
                        record: _InFlight) -> AsyncIterator[RequestOutput]:
-        """One streaming call to whichever replica Serve picks; ReplicaLost if it goes away."""
+        """One call to whichever replica Serve picks; ReplicaLost if it goes away. A request
+        with nothing to report before its images is one unary call (cheaper through Serve
+        than a stream); otherwise a stream of outputs."""
         record.replica, record.started = None, False
-        record.stream = self._handle.options(stream=True).generate.remote(prompt, params, request_id, progress)
-        got_final = False
         try:
-            async for item in record.stream:
-                assert isinstance(item, ReplicaItem)
-                self._report_tasks(item.tasks)
-                if item.error is not None:
-                    _raise(request_id, item.error)
-                out = item.output
-                assert out is not None
-                record.replica, record.started = out.replica, True
-                got_final = out.finished
+            if not progress and not params.partial_images:
+                record.call = self._handle.generate_final.remote(prompt, params, request_id)
+                yield self._unpack(request_id, await record.call, record)
+                return
+            record.call = self._handle.options(stream=True).generate.remote(prompt, params, request_id, progress)
+            async for item in record.call:
+                out = self._unpack(request_id, item, record)
                 yield out
+                if out.finished:
+                    return
         except RayActorError as exc:
             raise ReplicaLost(f"replica {record.replica or '?'} died: {type(exc).__name__}") from None
         except (RequestCancelledError, asyncio.CancelledError):
             if record.aborted:
                 raise RequestAbortedError(request_id) from None
             raise
-        if not got_final:
-            raise ReplicaLost(f"replica {record.replica or '?'} ended the stream early")
+        raise ReplicaLost(f"replica {record.replica or '?'} ended the stream early")
+
+    def _unpack(self, request_id: str, item: ReplicaItem, record: _InFlight) -> RequestOutput:
+        self._report_tasks(item.tasks)
+        if item.error is not None:
+            _raise(request_id, item.error)
+        out = item.output
+        assert out is not None
+        record.replica, record.started = out.replica, True
+        return out
 
     async def abort(self, request_id: str) -> None:
         record = self._inflight.get(request_id)
-        if record is not None and record.stream is not None:
+        if record is not None and record.call is not None:
             record.aborted = True
-            record.stream.cancel()
+            record.call.cancel()
 
     def load(self) -> EngineLoad:
         started = sum(r.started for r in self._inflight.values())

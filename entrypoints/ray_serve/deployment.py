@@ -14,6 +14,7 @@ from typing import Any
 from ray import serve
 from ray.serve.config import AutoscalingConfig
 
+from engine.async_engine import default_max_batch_size
 from engine.config import EngineConfig
 from entrypoints.ray_serve.replica import EngineReplica
 
@@ -34,11 +35,14 @@ class ReplicaOptions:
     gpus_per_worker: float = 0.0
     """1 on GPUs; 0 for CPU workers."""
     cpus_per_worker: float = 1.0
-    max_ongoing_requests: int = 64
-    """Requests Serve sends one replica at once; more wait in Serve's queue. Large enough
-    for the engine to batch."""
-    target_ongoing_requests: float = 8.0
-    """Autoscaling: ongoing requests per replica that Serve aims for."""
+    max_ongoing_requests: int | None = None
+    """Requests Serve sends one replica at once; more wait in Serve's queue. None: twice the
+    engine's max batch size, enough to keep its batches full, while a burst of requests
+    cannot pile onto one replica (Serve's router reads queue lengths it cached, so many
+    requests arriving together would otherwise follow the same stale figure)."""
+    target_ongoing_requests: float | None = None
+    """Autoscaling: ongoing requests per replica that Serve aims for; None: the engine's
+    max batch size."""
     health_check_period_s: float = 10.0
     graceful_shutdown_timeout_s: float = 30.0
 
@@ -49,7 +53,7 @@ class ReplicaOptions:
             raise ValueError("replicas must be >= 1")
         if self.num_replicas is None and not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             raise ValueError("need 0 <= min replicas <= max replicas and max replicas >= 1")
-        if self.max_ongoing_requests < 1:
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < 1:
             raise ValueError("max ongoing requests per replica must be >= 1")
 
     @property
@@ -59,13 +63,16 @@ class ReplicaOptions:
             bundle["GPU"] = self.gpus_per_worker
         return [dict(bundle) for _ in range(self.workers_per_replica)]
 
-    def deployment_options(self) -> dict[str, Any]:
+    def deployment_options(self, max_batch_size: int) -> dict[str, Any]:
+        """Serve's options for the deployment; ``max_batch_size``: the engine's, which sizes
+        the defaults of the ongoing-request bounds."""
+        target = self.target_ongoing_requests or max_batch_size
         scaling: dict[str, Any] = (
             {"num_replicas": self.num_replicas} if self.num_replicas is not None else
             {"autoscaling_config": AutoscalingConfig(
                 min_replicas=self.min_replicas, max_replicas=self.max_replicas,
                 initial_replicas=max(self.min_replicas, 1),
-                target_ongoing_requests=self.target_ongoing_requests)})
+                target_ongoing_requests=target)})
         return {
             "name": DEPLOYMENT_NAME,
             **scaling,
@@ -73,7 +80,7 @@ class ReplicaOptions:
             "ray_actor_options": {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker},
             "placement_group_bundles": self.bundles,
             "placement_group_strategy": "STRICT_PACK",
-            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_ongoing_requests": self.max_ongoing_requests or 2 * max_batch_size,
             "health_check_period_s": self.health_check_period_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
@@ -90,8 +97,11 @@ def replica_engine_options(engine_options: dict[str, Any], options: ReplicaOptio
 
 
 def build_app(engine_options: dict[str, Any], options: ReplicaOptions) -> serve.Application:
-    deployment = serve.deployment(EngineReplica).options(**options.deployment_options())
-    return deployment.bind(replica_engine_options(engine_options, options))
+    replica_options = replica_engine_options(engine_options, options)
+    max_batch_size = replica_options.get("max_batch_size") or default_max_batch_size(
+        replica_options.get("device", "cuda" if options.gpus_per_worker else "cpu"))
+    deployment = serve.deployment(EngineReplica).options(**options.deployment_options(max_batch_size))
+    return deployment.bind(replica_options)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -139,6 +139,14 @@ class EngineReplica:
         except EngineDeadError as exc:
             yield ReplicaItem(error=ReplicaError("dead", str(exc)))
 
+    async def generate_final(self, prompt: str, params: ImageParams, request_id: str) -> ReplicaItem:
+        """The request's final output alone, for callers that want nothing before it."""
+        final = ReplicaItem(error=ReplicaError("dead", "the replica's stream ended without an output"))
+        async with aclosing(self.generate(prompt, params, request_id, progress=False)) as items:
+            async for item in items:
+                final = item
+        return final
+
     def status(self) -> ReplicaStatus:
         load = self.engine.load()
         return ReplicaStatus(self.replica_id, self.engine.num_unfinished, load.waiting, load.running,

@@ -1,7 +1,8 @@
 """One local Ray cluster for the session: 2 replicas of tiny-pixart behind a real API server.
 
-Ray runs on loopback only, without its dashboard or usage stats, started by the test
-(``address="local"`` never joins a cluster someone else started on this machine).
+Ray runs without its dashboard or usage stats, started by the test (``address="local"``
+never joins a cluster someone else started on this machine). Its processes talk over this
+host's own address (Ray maps 127.0.0.1 to it), which Linux carries on the loopback device.
 Each replica is one CPU worker process with one torch thread, as in production.
 """
 
@@ -18,8 +19,7 @@ from entrypoints.api_server import APIServer, ServerConfig
 from entrypoints.offline import _LoopThread
 
 ENGINE_OPTIONS = {"model": "tiny-pixart", "device": "cpu", "worker_threads": 1}
-RAY_INIT = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, "_node_ip_address": "127.0.0.1",
-            "configure_logging": False}
+RAY_INIT = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, "configure_logging": False}
 
 
 class RayCluster:
