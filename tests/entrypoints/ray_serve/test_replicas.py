@@ -139,45 +139,62 @@ async def test_killed_replica_mid_request_every_request_ends_and_serve_restarts_
 
     url = ray_cluster.url + "/v1/images/generations"
     retries_before = metric(ray_cluster.url, "gfdit_replica_retries_total")
+    body = {"prompt": "a fox", "size": "128x128", "num_inference_steps": 60}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
 
         async def post(seed: int) -> tuple[int, dict]:
-            async with session.post(url, json={"prompt": "a fox", "size": "128x128", "seed": seed,
-                                               "num_inference_steps": 60}) as reply:
+            async with session.post(url, json={**body, "seed": seed}) as reply:
                 return reply.status, await reply.json()
 
-        requests = [asyncio.create_task(post(seed)) for seed in range(4)]
-        deadline = time.monotonic() + 60
-        while True:  # wait until both replicas are working on a request
+        async def stream(seed: int) -> list[tuple[str, dict]]:
+            async with session.post(url, json={**body, "seed": seed, "stream": True, "partial_images": 3}) as reply:
+                assert reply.status == 200
+                return parse_sse(await reply.text())
+
+        # JSON and streamed requests, until both replicas are working on some.
+        requests: list[asyncio.Task] = []
+        deadline = time.monotonic() + 90
+        while True:
+            if len(requests) < 8:
+                seed = len(requests)
+                requests.append(asyncio.create_task(post(seed) if seed % 2 == 0 else stream(seed)))
             statuses = await asyncio.to_thread(ray_cluster.statuses)
             if all(s.running for s in statuses.values()):
                 break
             assert time.monotonic() < deadline, statuses
-            await asyncio.sleep(0.05)
-        victim = sorted(statuses)[0]
+            await asyncio.sleep(0.2)
+        victim = sorted(statuses, key=lambda r: -statuses[r].running)[0]
         actor = ray.get_actor(f"SERVE_REPLICA::{ray_cluster.client.app_name}#EngineReplica#{victim}",
                               namespace="serve")
         ray.kill(actor, no_restart=True)
 
         answers = await asyncio.wait_for(asyncio.gather(*requests), 240)
-        for status, body in answers:  # every request ends: retried elsewhere, or a clear 503
+        for answer in answers:  # every request ends: retried elsewhere, or a clear 503
+            if isinstance(answer, list):  # a stream: partial images never repeat, then one image or an error
+                kinds = [kind for kind, _ in answer]
+                partials = [data["partial_image_index"] for kind, data in answer if kind.endswith("partial_image")]
+                assert partials == sorted(set(partials)) and len(partials) <= 3, answer
+                if kinds[-1] == "error":
+                    assert answer[-1][1]["error"]["code"] == "engine_unavailable"
+                else:
+                    assert kinds.count("image_generation.completed") == 1 and kinds[-1].endswith("completed")
+                continue
+            status, reply_body = answer
             if status == 200:
-                image = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+                image = Image.open(io.BytesIO(base64.b64decode(reply_body["data"][0]["b64_json"])))
                 assert image.size == (128, 128)
             else:
-                assert status == 503 and body["error"]["code"] == "engine_unavailable", body
+                assert status == 503 and reply_body["error"]["code"] == "engine_unavailable", reply_body
         assert metric(ray_cluster.url, "gfdit_replica_retries_total") > retries_before
 
         # The replica's process and its engine's worker are gone.
-        gone, alive = psutil.wait_procs([psutil.Process(p) for p in statuses[victim].pids
-                                         if psutil.pid_exists(p)], timeout=30)
+        _, alive = psutil.wait_procs([psutil.Process(p) for p in statuses[victim].pids if psutil.pid_exists(p)],
+                                     timeout=30)
         assert not alive
 
         # Serve brings a new replica up; then both serve again.
         deadline = time.monotonic() + 240
-        while True:
-            if ray_cluster.client.replica_states().get("RUNNING") == 2:
-                break
+        while ray_cluster.client.replica_states().get("RUNNING") != 2:
             assert time.monotonic() < deadline, ray_cluster.client.replica_states()
             await asyncio.sleep(0.5)
         replicas = set(await asyncio.to_thread(ray_cluster.statuses))
@@ -186,6 +203,16 @@ async def test_killed_replica_mid_request_every_request_ends_and_serve_restarts_
         assert [status for status, _ in later] == [200] * 4
     async with aiohttp.ClientSession() as session, session.get(ray_cluster.url + "/health") as reply:
         assert reply.status == 200
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    import json
+
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
 
 
 def test_shutdown_leaves_no_ray_process_behind(ray_cluster):
