@@ -1,6 +1,5 @@
 """``gfdit serve`` and its replica flags: without ``--ray`` nothing changes and Ray is never
-imported; the flags are checked with one-line errors; ``ReplicaOptions`` become Serve's
-deployment options."""
+imported; the flags are checked with one-line errors."""
 
 from __future__ import annotations
 
@@ -59,27 +58,3 @@ def test_fixed_and_autoscaled_replicas_are_exclusive():
         main(["serve", "--ray", "--device", "cpu", "--replicas", "2", "--max-replicas", "3"])
     with pytest.raises(SystemExit, match="min replicas <= max replicas"):
         main(["serve", "--ray", "--device", "cpu", "--min-replicas", "3", "--max-replicas", "2"])
-
-
-def test_replica_options_become_serve_deployment_options():
-    pytest.importorskip("ray.serve")
-    from entrypoints.ray_serve.deployment import ReplicaOptions, replica_engine_options
-
-    fixed = ReplicaOptions(num_replicas=3, workers_per_replica=4, gpus_per_worker=1, cpus_per_worker=2)
-    options = fixed.deployment_options(max_batch_size=16)
-    assert options["num_replicas"] == 3 and "autoscaling_config" not in options
-    assert options["max_ongoing_requests"] == 32  # twice the batch: full batches, no pile-up on one replica
-    assert options["placement_group_strategy"] == "STRICT_PACK"
-    assert options["placement_group_bundles"] == [{"CPU": 2, "GPU": 1}] * 4
-    # The replica actor's own resources come out of the first bundle.
-    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
-    assert replica_engine_options({"model": "m"}, fixed) == {"model": "m", "num_workers": 4}
-
-    scaled = ReplicaOptions(num_replicas=None, min_replicas=0, max_replicas=5, target_ongoing_requests=4)
-    autoscaling = scaled.deployment_options(max_batch_size=8)["autoscaling_config"]
-    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.initial_replicas) == (0, 5, 1)
-    assert autoscaling.target_ongoing_requests == 4
-    assert scaled.bundles == [{"CPU": 1.0}]
-    assert ReplicaOptions(max_ongoing_requests=5).deployment_options(8)["max_ongoing_requests"] == 5
-    assert replica_engine_options({"model": "m"}, scaled) == {"model": "m", "num_workers": 1, "device": "cpu",
-                                                              "worker_threads": 1}
