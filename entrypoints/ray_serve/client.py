@@ -62,9 +62,10 @@ class _InFlight:
 class RayEngineClient:
     """An engine client whose engines are Serve replicas (``EngineReplica``)."""
 
-    def __init__(self, config: EngineConfig, options: ReplicaOptions, handle: DeploymentHandle,
+    def __init__(self, config: EngineConfig, options: ReplicaOptions | None, handle: DeploymentHandle,
                  model_info: ModelInfo, *, app_name: str, owns_ray: bool, owns_app: bool = True) -> None:
-        """``owns_ray``/``owns_app``: whether shutting down stops Ray / deletes the replicas."""
+        """``options``: how the replicas were deployed (None: by someone else); ``owns_ray`` /
+        ``owns_app``: whether shutting down stops Ray / deletes the replicas."""
         self.config = config
         self.options = options
         self.model_info: ModelInfo | None = model_info
@@ -110,8 +111,7 @@ class RayEngineClient:
         handle = await asyncio.to_thread(serve.get_app_handle, app_name)
         config = await handle.engine_config.remote()
         info = await handle.model_info.remote()
-        return cls(config, ReplicaOptions(num_replicas=None, max_replicas=1), handle, info,
-                   app_name=app_name, owns_ray=False, owns_app=False)
+        return cls(config, None, handle, info, app_name=app_name, owns_ray=False, owns_app=False)
 
     # ----- EngineClient --------------------------------------------------------------
     @property
@@ -308,7 +308,9 @@ def _raise(request_id: str, error: ReplicaError) -> None:
     raise ReplicaLost(f"the replica's engine ended it: {error.message}")
 
 
-def _describe(options: ReplicaOptions) -> str:
+def _describe(options: ReplicaOptions | None) -> str:
+    if options is None:
+        return "replicas deployed by the cluster's Serve config"
     count = (f"{options.num_replicas} replica(s)" if options.num_replicas is not None
              else f"{options.min_replicas}-{options.max_replicas} replicas (autoscaling)")
     device = "GPU" if options.gpus_per_worker else "CPU"

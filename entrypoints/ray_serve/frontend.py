@@ -21,6 +21,9 @@ class FrontEnd:
         self.server = APIServer(self.client, ServerConfig(**server))
         await self.server.start()
 
+    def url(self) -> str:
+        return self.server.url
+
     async def check_health(self) -> None:
         unhealthy = await self.client.health(self.server.config.stall_timeout_s)
         if unhealthy is not None:

@@ -134,6 +134,29 @@ async def test_queue_bound_answers_429_through_replicas(ray_cluster):
         await asyncio.wrap_future(ray_cluster._runner.submit(server.stop()))
 
 
+def test_api_server_as_a_serve_app_in_front_of_the_same_replicas(ray_cluster):
+    """What a KubeRay RayService deploys: the API server in an actor, attached to the replicas."""
+    from ray import serve
+
+    from entrypoints.ray_serve.frontend import app_builder
+
+    app = app_builder({"replicas_app": ray_cluster.client.app_name, "server": {"port": 0},
+                       "ray_actor_options": {"num_cpus": 0}})
+    handle = serve.run(app, name="gfdit-api", route_prefix=None)
+    try:
+        url = handle.url.remote().result(timeout_s=60)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        raw = client.images.with_raw_response.generate(prompt="a blue cat", size="64x64",
+                                                       extra_body={"num_inference_steps": 4, "seed": 3})
+        assert raw.headers[REPLICA_HEADER] in ray_cluster.statuses()
+        direct = sdk(ray_cluster).images.generate(prompt="a blue cat", size="64x64",
+                                                  extra_body={"num_inference_steps": 4, "seed": 3})
+        assert raw.parse().data[0].b64_json == direct.data[0].b64_json
+    finally:
+        serve.delete("gfdit-api")
+    assert ray_cluster.client.replica_states().get("RUNNING") == 2  # deleting it left the replicas alone
+
+
 async def test_killed_replica_mid_request_every_request_ends_and_serve_restarts_it(ray_cluster):
     import psutil
 
