@@ -13,18 +13,19 @@ in this process, the API server in front of the replicas.
    >= 1.7x on a 2-core machine. Also reported: how Serve spread the requests, and the CPU
    cores the cluster's processes got during each side (load from elsewhere on a shared
    machine caps the ratio).
-2. front-end overhead: --overhead-requests (30) requests one at a time on tiny-pixart
+2. front-end overhead: --overhead-requests (60) requests one at a time on tiny-pixart
    64x64, 2 steps, alternating between a direct ``AsyncEngine`` in this process and the API
    server over HTTP in front of 1 replica (the same engine options: one worker process with
-   one torch thread). ``frontend_overhead_ms`` = median latency through the front end -
-   median latency direct. Target <= 5 ms. ``serve_overhead_ms``: the same through the
+   one torch thread). ``frontend_overhead_ms`` = the median over rounds of (latency through
+   the front end - latency direct); ``frontend_overhead_fastest_ms`` the same from each
+   side's fastest request. Target <= 5 ms. ``serve_overhead_ms``: the same through the
    Ray client alone (no HTTP), so the two parts of the cost can be told apart.
 
 JSON keys (--json PATH): two_vs_one, one_replica_img_s, two_replica_img_s,
 one_replica_s, two_replica_s, requests_by_replica (per replica count, 2-replica side),
 one_replica_cores, two_replica_cores, two_vs_one_per_core (img/s per core the cluster got,
 2 replicas over 1), frontend_overhead_ms, serve_overhead_ms,
-direct_latency_ms, frontend_latency_ms, serve_latency_ms (medians), load_average (the
+frontend_overhead_fastest_ms, direct_latency_ms, frontend_latency_ms, serve_latency_ms (medians), load_average (the
 machine's 1-minute load before and after), config.
 """
 
@@ -141,10 +142,15 @@ async def overhead(args: argparse.Namespace) -> dict[str, float]:
         await undeploy(client, server)
         await direct.shutdown()
     medians = {name: statistics.median(values) for name, values in times.items()}
+
+    def added(name: str) -> float:
+        # Paired by round: a burst of load from elsewhere hits both sides of a pair alike.
+        return statistics.median(t - d for t, d in zip(times[name], times["direct"]))
+
     return {"direct_latency_ms": medians["direct"], "frontend_latency_ms": medians["frontend"],
-            "serve_latency_ms": medians["serve"],
-            "frontend_overhead_ms": medians["frontend"] - medians["direct"],
-            "serve_overhead_ms": medians["serve"] - medians["direct"]}
+            "serve_latency_ms": medians["serve"], "frontend_overhead_ms": added("frontend"),
+            "serve_overhead_ms": added("serve"),
+            "frontend_overhead_fastest_ms": min(times["frontend"]) - min(times["direct"])}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,7 +187,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--overhead-requests", type=int, default=30)
+    parser.add_argument("--overhead-requests", type=int, default=60)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     parser.add_argument("--only", choices=["scaling", "overhead"], default=None)
     parser.add_argument("--json", default=None, help="write the figures here")
@@ -200,7 +206,8 @@ def main() -> None:
         rows += [("frontend_overhead_ms", f"{figures['frontend_overhead_ms']:.1f} ms "
                                           f"({figures['frontend_latency_ms']:.1f} vs "
                                           f"{figures['direct_latency_ms']:.1f} ms)", "<= 5 ms"),
-                 ("serve_overhead_ms", f"{figures['serve_overhead_ms']:.1f} ms", "")]
+                 ("frontend_overhead_fastest_ms", f"{figures['frontend_overhead_fastest_ms']:.1f} ms", ""),
+                 ("serve_overhead_ms (no HTTP)", f"{figures['serve_overhead_ms']:.1f} ms", "")]
     rows.append(("load average before / after", " / ".join(f"{v:.1f}" for v in figures["load_average"]), ""))
     print_table("Engine replicas on Ray Serve", rows)
 
