@@ -29,7 +29,7 @@ class InProcessExecutor(Executor):
         model = self.config.model
         keep_freed_memory()  # this process runs the model: reuse its pages (allocator.py)
         adapter = await self._loop.run_in_executor(
-            self._thread, load_adapter, model.model, model.device, model.dtype)
+            self._thread, load_adapter, model.model, model.device, model.dtype, model.backend)
         backend = resolve_attention_backend(model.attention_backend, adapter.device)
         self._worker = Worker(0, adapter, attention_backend=backend)
         return adapter.info()
