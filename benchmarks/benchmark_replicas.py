@@ -49,7 +49,7 @@ import psutil  # noqa: E402
 
 from benchmarks.common import print_table, write_json  # noqa: E402
 from engine.async_engine import AsyncEngine  # noqa: E402
-from engine.request import ImageParams  # noqa: E402
+from engine.params import ImageParams  # noqa: E402
 from entrypoints.api_server import APIServer, ServerConfig  # noqa: E402
 from entrypoints.ray_serve import RayEngineClient, ReplicaOptions  # noqa: E402
 from entrypoints.serving_images import REPLICA_HEADER  # noqa: E402

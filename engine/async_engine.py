@@ -204,7 +204,7 @@ class AsyncEngine:
     def metric_collectors(self) -> list[Collector]:
         from engine.metrics import local_collectors
 
-        return local_collectors(self)
+        return local_collectors(lambda: self.scheduler.admission_cuts, self.devices)
 
     def device_summary(self) -> str:
         """One line on the GPUs the engine sees (or why it sees none), for start-up logs."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from engine.config import EngineConfig
 from engine.messages import ModelInfo
 from engine.outputs import RequestOutput
-from engine.request import ImageParams
+from engine.params import ImageParams
 from engine.stats import EngineObserver
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ per-device gauges, from the telemetry sampler's latest snapshot (``DeviceCollect
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -20,8 +20,8 @@ from engine.messages import Stage
 from engine.stats import RequestStats, TaskStats
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
     from engine.client import EngineClient
+    from engine.device_monitor import DeviceMonitor
 
 # Outcomes of a request: the engine's three ends, and the refusals of a front end.
 OUTCOMES = ("finished", "failed", "aborted", "rejected", "queue_full")
@@ -94,19 +94,19 @@ class EngineMetrics:
         return generate_latest(self.registry)
 
 
-def local_collectors(engine: AsyncEngine) -> list[Collector]:
+def local_collectors(admission_cuts: Callable[[], int], devices: DeviceMonitor) -> list[Collector]:
     """What only an engine in this process can report: memory admission and its devices."""
-    return [AdmissionCollector(engine), DeviceCollector(engine)]
+    return [AdmissionCollector(admission_cuts), DeviceCollector(devices)]
 
 
 class AdmissionCollector(Collector):
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, admission_cuts: Callable[[], int]) -> None:
+        self.admission_cuts = admission_cuts
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("gfdit_memory_admission_cut_requests",
                                 "Requests memory admission held back from a planned task (since start).",
-                                value=float(self.engine.scheduler.admission_cuts))
+                                value=float(self.admission_cuts()))
 
 
 # (name, help, value of a DeviceStats or None): the per-device gauges read from NVML.
@@ -127,11 +127,11 @@ class DeviceCollector(Collector):
     """Per-device gauges at scrape time from the telemetry sampler's latest snapshot, plus
     what the scheduler makes of them: foreign processes, derated speed, interference."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, devices: DeviceMonitor) -> None:
+        self.devices = devices
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        monitor = self.engine.devices
+        monitor = self.devices
         snapshot = monitor.snapshot()
         state = monitor.state()
         devices = sorted(snapshot.devices.items())

@@ -35,7 +35,8 @@ from engine.client import EngineLoad, Unhealthy
 from engine.config import EngineConfig
 from engine.messages import ModelInfo
 from engine.outputs import RequestAbortedError, RequestFailedError, RequestOutput
-from engine.request import ImageParams, InvalidParamsError, RequestStatus, check_prompt
+from engine.params import ImageParams, InvalidParamsError, check_prompt
+from engine.request import RequestStatus
 from engine.stats import EngineObserver, RequestStats, TaskStats
 from entrypoints.ray_serve.deployment import APP_NAME, DEPLOYMENT_NAME, ReplicaOptions, build_app
 from entrypoints.ray_serve.replica import ReplicaError, ReplicaItem

@@ -14,8 +14,8 @@ from typing import Any
 from ray import serve
 from ray.serve.config import AutoscalingConfig
 
-from engine.async_engine import default_max_batch_size
 from engine.config import EngineConfig
+from engine.scheduler.factory import default_max_batch_size_on
 from entrypoints.ray_serve.replica import EngineReplica
 
 APP_NAME = "gfdit"
@@ -98,8 +98,8 @@ def replica_engine_options(engine_options: dict[str, Any], options: ReplicaOptio
 
 def build_app(engine_options: dict[str, Any], options: ReplicaOptions) -> serve.Application:
     replica_options = replica_engine_options(engine_options, options)
-    max_batch_size = replica_options.get("max_batch_size") or default_max_batch_size(
-        replica_options.get("device", "cuda" if options.gpus_per_worker else "cpu"))
+    max_batch_size = replica_options.get("max_batch_size") or default_max_batch_size_on(
+        "cuda" if options.gpus_per_worker else "cpu")
     deployment = serve.deployment(EngineReplica).options(**options.deployment_options(max_batch_size))
     return deployment.bind(replica_options)
 

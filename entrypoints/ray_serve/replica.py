@@ -24,7 +24,7 @@ from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.config import EngineConfig
 from engine.messages import ModelInfo
 from engine.outputs import RequestAbortedError, RequestFailedError, RequestOutput
-from engine.request import ImageParams, InvalidParamsError
+from engine.params import ImageParams, InvalidParamsError
 from engine.stats import RequestStats, TaskStats
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.request import ImageParams
+from engine.params import ImageParams
 from entrypoints.api_server import APIServer, ServerConfig
 from tests.helpers import pipeline_reference
 
