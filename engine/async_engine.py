@@ -15,10 +15,11 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.client import EngineLoad, Unhealthy
 from engine.config import EngineConfig
 from engine.device_monitor import DeviceMonitor
 from engine.executor.base import Executor
@@ -31,21 +32,15 @@ from engine.outputs import (
     RequestMetrics,
     RequestOutput,
 )
-from engine.request import (
-    ImageParams,
-    InvalidParamsError,
-    Request,
-    RequestStatus,
-    ShapeKey,
-    check_prompt,
-)
-from engine.scheduler.cost_model import CostModel
-from engine.scheduler.memory import MemoryModel
-from engine.scheduler.policies import make_policy
-from engine.scheduler.profile import shipped_profile_for
+from engine.params import ImageParams, InvalidParamsError, check_prompt
+from engine.request import Request, RequestStatus
+from engine.scheduler.factory import load_cost_model, make_scheduler
 from engine.scheduler.scheduler import RequestUpdate, Scheduler, UpdateKind
 from engine.stats import EngineObserver, RequestStats, TaskStats
 from engine.telemetry import Source
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -55,41 +50,6 @@ _ENDS = (UpdateKind.FINISHED, UpdateKind.FAILED, UpdateKind.ABORTED)
 
 class EngineDeadError(RuntimeError):
     """The engine cannot serve (not started, shut down, or its workers are gone)."""
-
-
-def _on_gpu(device: str) -> bool:
-    return device.startswith("cuda") or (device == "auto" and _cuda_available())
-
-
-def default_max_batch_size(device: str) -> int:
-    return 16 if _on_gpu(device) else 8
-
-
-def default_max_batch_tokens(device: str) -> int | None:
-    """On a CPU, past about 2048 token rows per batch the matrix products already keep the
-    cores busy and a bigger batch only adds cache misses: small-pixart at 512x512 (2048
-    rows x tokens per image) ran 0.91-0.96x the speed of one request at a time when four
-    were batched, while 256x256 images still gain 15 % per image up to batch 4."""
-    return None if _on_gpu(device) else 2048
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def load_cost_model(profile: str | None, info: ModelInfo) -> CostModel | None:
-    """The profile asked for, else the shipped one measured on this model, else None."""
-    name = profile or shipped_profile_for(info.name)
-    if name is None:
-        return None
-    cost_model = CostModel.load(name)
-    if cost_model.size_multiple != info.size_multiple:
-        logger.warning("profile %s was measured with %d pixels per token side, model %s has %d",
-                       name, cost_model.size_multiple, info.name, info.size_multiple)
-    logger.info("cost model: profile %s (%s on %s)", name, cost_model.profile.model, cost_model.profile.device)
-    return cost_model
 
 
 def make_executor(config: EngineConfig) -> Executor:
@@ -122,7 +82,8 @@ class AsyncEngine:
         """``telemetry_source``: read GPU telemetry from it (a FakeSource, say) instead of NVML."""
         self.config = config
         self.executor = executor or make_executor(config)
-        self.devices = DeviceMonitor(config.telemetry.telemetry_period_s, source=telemetry_source)
+        self.devices = DeviceMonitor(config.telemetry.telemetry_period_s, source=telemetry_source,
+                                     detect_foreign=config.telemetry.detect_foreign_processes)
         self.model_info: ModelInfo | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._dispatch_pending = False
@@ -152,10 +113,18 @@ class AsyncEngine:
         except ValueError:
             await self.executor.shutdown()
             raise
+        try:
+            await self.devices.start(device=self.config.model.device, model_device=info.device,
+                                     num_ranks=self.executor.num_workers, our_pids=self._our_pids,
+                                     on_sample=self._on_telemetry)
+        except BaseException:
+            await self.executor.shutdown()  # no worker outlives a failed start
+            raise
         self.model_info = info
-        await self.devices.start(device=self.config.model.device, model_device=info.device,
-                                 num_ranks=self.executor.num_workers, our_pids=self._our_pids,
-                                 on_sample=self._on_telemetry)
+        if info.backend == "pipeline":
+            logger.warning("model %s runs through the whole-pipeline fallback (no native adapter, or "
+                           "--backend diffusers): one request per pipeline call, no step batching, no sequence "
+                           "parallelism", info.name)
         logger.info("engine ready: %s on %d worker(s), policy %s", self.model_info.name,
                     self.executor.num_workers, self.scheduler.policy.name)
 
@@ -165,16 +134,8 @@ class AsyncEngine:
 
     def _make_scheduler(self, info: ModelInfo) -> Scheduler:
         sched = self.config.scheduler
-        workers = self.executor.num_workers
-        # Ulysses attention splits heads across the group, so a degree must divide them.
-        degrees = tuple(d for d in range(1, workers + 1) if info.num_heads % d == 0)
-        options = {"static_degree": sched.static_degree} if sched.policy == "static" else {}
-        policy = make_policy(sched.policy, cost_model=load_cost_model(sched.profile, info), **options)
-        return Scheduler(policy, workers,
-                         max_batch_size=sched.max_batch_size or default_max_batch_size(self.config.model.device),
-                         steps_per_task=sched.steps_per_task, max_retries=sched.max_retries, degrees=degrees,
-                         memory=MemoryModel(info.size_multiple),
-                         max_batch_tokens=sched.max_batch_tokens or default_max_batch_tokens(self.config.model.device))
+        return make_scheduler(info, sched, self.executor.num_workers,
+                              cost_model=load_cost_model(sched.profile, info))
 
     # ----- public API --------------------------------------------------------------
     @property
@@ -192,8 +153,9 @@ class AsyncEngine:
         return (params or ImageParams()).resolve(self.model_info, self.config.limits)
 
     async def generate(self, prompt: str, params: ImageParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, *, progress: bool = True) -> AsyncIterator[RequestOutput]:
         """Yield progress outputs (step i of N), then the final output with the images.
+        With ``progress`` False, only progress outputs that carry previews are yielded.
 
         Raises InvalidParamsError for bad input (before anything runs), RequestFailedError
         if the request fails, RequestAbortedError if it is aborted. Closing or cancelling
@@ -206,9 +168,8 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidParamsError(f"request id {request_id!r} is already in use", "request_id")
-        info = self.model_info
-        shape = ShapeKey(params.width, params.height, info.uses_cfg and params.guidance_scale > 1.0)
-        request = Request(request_id, prompt, params, shape, time.monotonic())
+        key = self.model_info.batch_key(params, request_id)  # type: ignore[union-attr]
+        request = Request(request_id, prompt, params, key, time.monotonic())
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         self._idle.clear()
@@ -222,12 +183,36 @@ class AsyncEngine:
                     done = True
                     raise out
                 done = out.finished
-                yield out
+                if done or progress or out.previews:
+                    yield out
                 if done:
                     return
         finally:
             if not done:
                 self._abort(request_id)
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(self.scheduler.num_waiting, self.scheduler.num_running)
+
+    async def health(self, stall_timeout_s: float) -> Unhealthy | None:
+        """None while the workers live and, with work pending, some task has finished within
+        ``stall_timeout_s``."""
+        if not self.is_running:
+            return Unhealthy("engine_unavailable", "the engine's workers are not running")
+        pending = [r.arrival_time for r in self.scheduler.requests.values()]
+        if pending:
+            # Progress is judged from the later of the last result and the oldest request's
+            # arrival, so an engine that was idle for a while is not called stalled.
+            quiet = time.monotonic() - max(self.last_progress_time, min(pending))
+            if quiet > stall_timeout_s:
+                return Unhealthy("engine_stalled", f"the engine has made no progress for {quiet:.0f} s "
+                                                   f"with {len(pending)} request(s) pending")
+        return None
+
+    def metric_collectors(self) -> list[Collector]:
+        from engine.metrics import local_collectors
+
+        return local_collectors(lambda: self.scheduler.admission_cuts, self.devices)
 
     def device_summary(self) -> str:
         """One line on the GPUs the engine sees (or why it sees none), for start-up logs."""

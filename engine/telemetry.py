@@ -17,46 +17,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol
+
+from engine.device_stats import DeviceStats, TelemetryUnavailable
+from engine.nvml import NvmlSource
+from engine.pid_namespace import PidNamespace
+
+__all__ = ["DeviceStats", "FakeSource", "Reading", "Snapshot", "Source", "Telemetry", "TelemetrySampler",
+           "TelemetryUnavailable", "summary"]
 
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
-
-
-@dataclass(frozen=True)
-class DeviceStats:
-    index: int  # NVML device index
-    memory_used: int
-    memory_total: int
-    gpu_util: float  # percent of time a kernel ran, last sample period
-    memory_util: float
-    # pid -> bytes used on the device, for every compute (or graphics) process NVML sees.
-    processes: dict[int, int] = field(default_factory=dict)
-    # pid -> SM utilisation (%) of each process, where the driver keeps per-process samples.
-    process_util: dict[int, float] = field(default_factory=dict)
-    name: str = ""
-    power_w: float | None = None
-    temperature_c: float | None = None
-    sm_clock_mhz: int | None = None
-    throttle_reasons: int = 0  # NVML's clocks-event-reason bit mask
-
-    @property
-    def free_memory(self) -> int:
-        return max(0, self.memory_total - self.memory_used)
-
-    def foreign_pids(self, ours: Iterable[int]) -> list[int]:
-        mine = set(ours)
-        return sorted(pid for pid in self.processes if pid not in mine)
-
-    def foreign_load(self, foreign: list[int]) -> float:
-        """Utilisation (%) the foreign processes cause: their own SM samples where NVML has
-        them, else the whole device's (which also counts our workers' kernels, so it
-        overestimates while ours run)."""
-        if self.process_util:
-            return min(100.0, sum(self.process_util.get(pid, 0.0) for pid in foreign))
-        return self.gpu_util
 
 
 @dataclass(frozen=True)
@@ -72,10 +45,6 @@ class Snapshot:
     @classmethod
     def empty(cls) -> Snapshot:
         return cls(0.0, {}, {}, {})
-
-
-class TelemetryUnavailable(RuntimeError):
-    pass
 
 
 class Source(Protocol):
@@ -121,10 +90,16 @@ class Telemetry:
     """Turns readings into snapshots; ``sample`` is pure given ``now``, the thread calls it."""
 
     def __init__(self, source: Source | None, our_pids: Callable[[], Iterable[int]] = tuple,
-                 smoothing: float = 0.3) -> None:
+                 smoothing: float = 0.3, *, pids: PidNamespace | None = None,
+                 detect_foreign: bool = True) -> None:
+        """``pids``: map our processes through their PID namespaces (NVML's pids; None:
+        compare as they are, as scripted sources need); ``detect_foreign`` False: no
+        process is foreign, only the memory readings count."""
         self.source = source
         self.our_pids = our_pids
         self.smoothing = smoothing
+        self.pids = pids
+        self.detect_foreign = detect_foreign
         self.latest = Snapshot.empty()
         self.error: str | None = None  # why the source stopped, once it has
 
@@ -139,8 +114,7 @@ class Telemetry:
                 self.error = str(exc)
             self.latest = Snapshot(now, {}, {}, {})
             return self.latest
-        ours = set(self.our_pids())
-        foreign = {d.index: d.foreign_pids(ours) for d in devices}
+        foreign = self._foreign(devices)
         previous = self.latest.foreign_util
         foreign_util = {}
         for d in devices:
@@ -150,6 +124,15 @@ class Telemetry:
                 foreign_util[d.index] = (1 - self.smoothing) * before + self.smoothing * load
         self.latest = Snapshot(now, {d.index: d for d in devices}, foreign, foreign_util)
         return self.latest
+
+    def _foreign(self, devices: list[DeviceStats]) -> dict[int, list[int]]:
+        if not self.detect_foreign:
+            return {d.index: [] for d in devices}
+        if self.pids is None:
+            ours = set(self.our_pids())
+            return {d.index: d.foreign_pids(ours) for d in devices}
+        ours = self.pids.ours(self.our_pids())
+        return {d.index: self.pids.foreign(d.processes, ours) for d in devices}
 
 
 class TelemetrySampler:
@@ -168,11 +151,10 @@ class TelemetrySampler:
 
     @classmethod
     def from_nvml(cls, our_pids: Callable[[], Iterable[int]], period_s: float = 0.2,
-                  on_sample: Callable[[Snapshot], None] | None = None) -> TelemetrySampler:
+                  on_sample: Callable[[Snapshot], None] | None = None,
+                  detect_foreign: bool = True) -> TelemetrySampler:
         """NVML's sampler, or one that reports nothing (said once in the log) without NVML.
         NVML's initialisation can take a while: call this off the event loop."""
-        from engine.nvml import NvmlSource
-
         try:
             source: Source | None = NvmlSource()
             reason = None
@@ -180,7 +162,8 @@ class TelemetrySampler:
             reason = str(exc)
             logger.info("GPU telemetry off: %s", exc)
             source = None
-        return cls(Telemetry(source, our_pids), period_s, on_sample, reason)
+        return cls(Telemetry(source, our_pids, pids=PidNamespace(), detect_foreign=detect_foreign),
+                   period_s, on_sample, reason)
 
     @property
     def available(self) -> bool:
@@ -219,6 +202,7 @@ def summary(snapshot: Snapshot, reason: str | None = None) -> str:
         return f"devices: no GPU telemetry: {reason or 'no devices reported'}"
     parts = []
     for index, d in sorted(snapshot.devices.items()):
+        util = "n/a" if d.gpu_util is None else f"{d.gpu_util:.0f}%"
         parts.append(f"{index} {d.name or 'GPU'} {d.memory_total / GiB:.1f} GiB ({d.memory_used / GiB:.1f} used, "
-                     f"util {d.gpu_util:.0f}%, {len(snapshot.foreign.get(index, []))} foreign)")
+                     f"util {util}, {len(snapshot.foreign.get(index, []))} foreign)")
     return "devices: " + "; ".join(parts)

@@ -50,6 +50,16 @@ class PresetSpec:
     description: str
 
 
+def _lazy(path: str) -> Callable[[], DiffusionPipeline]:
+    """A builder in another module, imported when the preset is built."""
+    def build() -> DiffusionPipeline:
+        from engine.models.registry import resolve
+
+        return resolve(path)()
+
+    return build
+
+
 def _seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Build a module from a fixed seed without touching the caller's global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -218,6 +228,8 @@ PRESETS: dict[str, PresetSpec] = {
     "small-pixart": PresetSpec(build_small_pixart, 512, 20, "PixArt-Sigma, 12 layers x 384 (~30M), random weights"),
     "tiny-sd3": PresetSpec(build_tiny_sd3, 256, 28, "Stable Diffusion 3, 2 layers, random weights"),
     "tiny-flux": PresetSpec(build_tiny_flux, 256, 28, "FLUX, 1+1 layers, random weights"),
+    "tiny-sana": PresetSpec(_lazy("engine.models.tiny_sana:build_tiny_sana"), 64, 20,
+                            "SANA, 1 layer, random weights (no native adapter: the whole-pipeline fallback)"),
 }
 
 

@@ -26,8 +26,9 @@ class FCFSPolicy(Policy):
     always runs next, so no shape starves.
 
     With telemetry, batches are capped by memory (``SchedulerView.batch_limit``), new
-    requests skip ranks that cannot take their state (``accepts_new``), and a rank's load
-    counts as load / speed, so a device shared with a foreign job gets fewer of them.
+    requests skip ranks that cannot take their state (``accepts_new``) until they starve
+    (``starved_since``: then nothing newer is placed), and a rank's load counts as load /
+    speed, so a device shared with a foreign job gets fewer of them.
     """
 
     name = "fcfs"
@@ -41,7 +42,7 @@ class FCFSPolicy(Policy):
         for rank in sorted(view.free_workers, key=view.load):
             ready = sorted(view.on_rank(rank, denoised=True), key=self.sort_key)
             if ready:
-                batch = take_batch(ready, ready[0].shape, view.batch_limit(Stage.DECODE, ready[0].shape, (rank,)))
+                batch = take_batch(ready, ready[0].key, view.batch_limit(Stage.DECODE, ready[0].key, (rank,)))
                 plans.append(Plan(Stage.DECODE, [r.request_id for r in batch], (rank,)))
             else:
                 idle.append(rank)
@@ -54,7 +55,7 @@ class FCFSPolicy(Policy):
                 plans.append(Plan(Stage.ENCODE, [r.request_id for r in encode_for[rank]], (rank,)))
                 continue
             if running[rank]:
-                shape = running[rank][0].shape
+                shape = running[rank][0].key
                 batch = take_batch(running[rank], shape, view.batch_limit(Stage.DENOISE, shape, (rank,)))
                 plans.append(Plan(Stage.DENOISE, [r.request_id for r in batch], (rank,),
                                   view.steps_per_task))
@@ -68,10 +69,13 @@ class FCFSPolicy(Policy):
         load = {rank: view.load(rank) for rank in ranks}
         speed = {rank: view.speed((rank,)) for rank in ranks}
         encoded = dict.fromkeys(ranks, 0)
+        starved = view.starved_since(ranks)
         for request in sorted(view.waiting(), key=self.sort_key):
+            if starved is not None and request.arrival_time > starved:
+                continue  # an older request waits for memory: nothing newer overtakes it
             accepting = [r for r in ranks if view.accepts_new(r, request)]
             open_ranks = [r for r in accepting if not placed[r]
-                          or encoded[r] + request.n <= view.batch_limit(Stage.ENCODE, request.shape, (r,))]
+                          or encoded[r] + request.n <= view.batch_limit(Stage.ENCODE, request.key, (r,))]
             if not open_ranks:
                 if accepting:
                     break  # every batch is full
@@ -133,17 +137,17 @@ class StaticPolicy(FCFSPolicy):
             running = sorted(view.on_group(lane, denoised=False), key=self.sort_key)
             new_ok = bool(waiting) and all(view.accepts_new(r, waiting[0]) for r in lane)
             if ready:
-                limit = view.batch_limit(Stage.DECODE, ready[0].shape, lane) if self.batch else 1
-                batch = take_batch(ready, ready[0].shape, limit)
+                limit = view.batch_limit(Stage.DECODE, ready[0].key, lane) if self.batch else 1
+                batch = take_batch(ready, ready[0].key, limit)
                 plans.append(Plan(Stage.DECODE, [r.request_id for r in batch], lane))
             elif new_ok and (not running or (self.batch and view.last_stage.get(lane[0]) != Stage.ENCODE)):
-                limit = view.batch_limit(Stage.ENCODE, waiting[0].shape, lane)
+                limit = view.batch_limit(Stage.ENCODE, waiting[0].key, lane)
                 take = take_images(waiting, limit) if self.batch else waiting[:1]
                 waiting = waiting[len(take):]
                 plans.append(Plan(Stage.ENCODE, [r.request_id for r in take], lane))
             elif running:
-                limit = view.batch_limit(Stage.DENOISE, running[0].shape, lane)
-                batch = take_batch(running, running[0].shape, limit) if self.batch else running[:1]
+                limit = view.batch_limit(Stage.DENOISE, running[0].key, lane)
+                batch = take_batch(running, running[0].key, limit) if self.batch else running[:1]
                 plans.append(Plan(Stage.DENOISE, [r.request_id for r in batch], lane, view.steps_per_task))
         return plans
 
