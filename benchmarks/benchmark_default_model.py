@@ -60,7 +60,7 @@ def main() -> int:
         steps = dit.model_info.default_steps
         jobs = [(i, seed) for i in range(len(scenes)) for seed in args.seeds]
         outputs = dit.generate([prompts[i] for i, _ in jobs], [ImageParams(seed=seed) for _, seed in jobs])
-    images = {job: out.images[0].to_pil() for job, out in zip(jobs, outputs)}
+    images = {job: out.images[0] for job, out in zip(jobs, outputs)}
     ordered = [images[job] for job in jobs]
     scored = [scenes[i] for i, _ in jobs]
     total = score(scored, ordered)

@@ -1,6 +1,7 @@
 """Reading a generated picture back with pixel statistics, to score the shapes model.
 
-The background is the border's median colour; the object is every pixel far from it; its
+The background is the border's median colour; the object is every pixel far from it (more
+than half as far as the farthest pixels are); its
 colour is their median; its shape is how much of its bounding box it fills (a square fills
 all of it, a circle pi/4, an upright triangle half). Each reading snaps to the nearest
 palette colour or shape, so a prediction is right or wrong, never "close".
@@ -41,7 +42,9 @@ def read_image(image: Image.Image) -> Reading:
     background_rgb = np.median(border, axis=0)
     background = nearest_color(background_rgb)
     distance = np.sqrt(((pixels - background_rgb) ** 2).sum(axis=2))
-    mask = distance > OBJECT_DISTANCE
+    # Far = more than half way to the object's own distance (its 99th percentile), so faint
+    # tints and speckle in the background (a generated picture has some) are not the object.
+    mask = distance > max(OBJECT_DISTANCE, 0.5 * float(np.percentile(distance, 99)))
     if mask.sum() < MIN_OBJECT_PIXELS:
         return Reading(background, None, None, 0.0)
     color = nearest_color(np.median(pixels[mask], axis=0))
