@@ -100,12 +100,13 @@ class EngineConfig:
 
 _SECTIONS = {"model": ModelConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig,
              "telemetry": TelemetryConfig}
-_LIMIT_FIELDS = ("max_n", "max_size", "max_steps", "max_prompt_chars")
+_LIMIT_FIELDS = ("max_n", "max_size", "max_steps", "max_prompt_chars", "max_loras_per_request")
 _LIMIT_HELP = {
     "max_n": "Most images one request may ask for.",
     "max_size": "Largest width or height a request may ask for, in pixels.",
     "max_steps": "Most denoising steps a request may ask for.",
     "max_prompt_chars": "Longest prompt (and negative prompt) a request may give, in characters.",
+    "max_loras_per_request": "Most LoRA adapters one request may name.",
 }
 
 
