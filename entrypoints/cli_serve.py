@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds requests in flight may take to finish on shutdown (default: 30)")
     parser.add_argument("--url-ttl", type=float, default=600.0,
                         help="seconds an image behind a response_format=url link stays (default: 600)")
+    parser.add_argument("--no-lora-admin", dest="lora_admin", action="store_false",
+                        help="do not serve POST and DELETE /v1/loras (adapters come from --lora only)")
     add_engine_args(parser, with_model=False)
 
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or None,
         served_model_names=tuple(args.served_model_name or ()), max_queue=args.max_queue,
-        drain_timeout_s=args.drain_timeout, url_ttl_s=args.url_ttl)
+        drain_timeout_s=args.drain_timeout, url_ttl_s=args.url_ttl, lora_admin=args.lora_admin)
     asyncio.run(serve({**engine_options_from_args(args), "model": args.model}, config))
     return 0
 

@@ -146,7 +146,7 @@ class ImageGenerations:
             params = self.engine.resolve_params(ImageParams(
                 negative_prompt=req.negative_prompt, n=req.n or 1, width=width, height=height,
                 num_inference_steps=steps, guidance_scale=req.guidance_scale,
-                true_cfg_scale=req.true_cfg_scale, seed=req.seed,
+                true_cfg_scale=req.true_cfg_scale, seed=req.seed, loras=tuple(req.loras or ()),
                 output_format=req.output_format or "png", output_compression=req.output_compression,
                 # Partial images only make sense in a stream; don't pay for previews otherwise.
                 partial_images=(req.partial_images or 0) if stream else 0,

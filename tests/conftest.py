@@ -25,3 +25,25 @@ def preset_pipelines():
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def lora_pipelines(tmp_path_factory):
+    """preset -> (a pipeline with the test adapters loaded through diffusers, their folder,
+    name -> path). Adapter files live in one folder per preset, the engine's lora_dir."""
+    from tests.lora_helpers import make_adapters
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            pipe = build_preset(name)
+            pipe.set_progress_bar_config(disable=True)
+            root = tmp_path_factory.mktemp(f"lora-{name}")
+            paths = make_adapters(pipe, root)
+            for adapter, path in paths.items():
+                pipe.load_lora_weights(str(path), adapter_name=adapter)
+            cache[name] = (pipe, root, paths)
+        return cache[name]
+
+    return get

@@ -10,6 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 from engine.models.lora_files import LORA_FILE
+from engine.params import ImageParams
+from tests.helpers import pipeline_reference
 
 # Two adapters over different (overlapping) layers, at different ranks and alphas.
 ADAPTERS = {
@@ -47,3 +49,13 @@ def make_lora(pipe, folder: Path, targets: list[str], r: int, alpha: int, seed: 
 
 def make_adapters(pipe, root: Path) -> dict[str, Path]:
     return {name: make_lora(pipe, root / name, **spec) for name, spec in ADAPTERS.items()}
+
+
+def lora_reference(pipe, prompt: str, params: ImageParams):
+    """diffusers' own LoRA (not fused), the request's adapters at its scales, one request at a time."""
+    if params.loras:
+        pipe.enable_lora()
+        pipe.set_adapters([r.name for r in params.loras], [r.scale for r in params.loras])
+    else:
+        pipe.disable_lora()
+    return pipeline_reference(pipe, prompt, params)

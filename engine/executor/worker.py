@@ -24,7 +24,7 @@ from engine.distributed.group_free import Collectives
 from engine.distributed.ulysses import SequenceParallel, install
 from engine.executor.migration import run_migrations
 from engine.image_codec import encode_image
-from engine.messages import ItemResult, Stage, Task, TaskResult
+from engine.messages import ItemResult, LoraAnswer, LoraCommand, Stage, Task, TaskResult
 from engine.models.base import ModelRunner, RequestState
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,23 @@ class Worker:
             cached = torch.cuda.memory_reserved(self.adapter.device) - torch.cuda.memory_allocated(self.adapter.device)
         return TaskResult(task.task_id, self.rank, items, elapsed_s=time.perf_counter() - start,
                           peak_memory_bytes=peak, start_memory_bytes=resident, cached_memory_bytes=max(cached, 0))
+
+    def lora(self, command: LoraCommand) -> LoraAnswer:
+        """Load or unload an adapter; a bad file is answered, never raised."""
+        store = getattr(self.adapter, "lora", None)
+        if store is None:
+            return LoraAnswer(command.command_id, self.rank, error=f"model {self.adapter.name} runs through the "
+                              "whole-pipeline fallback, which has no per-request LoRA")
+        if command.path is None:
+            store.unload(command.name)
+            return LoraAnswer(command.command_id, self.rank)
+        try:
+            summary = store.load(command.name, command.path)
+        except Exception as exc:  # noqa: BLE001 - a bad adapter must not take the worker down
+            logger.warning("rank %d: adapter %s not loaded: %s", self.rank, command.name, exc)
+            return LoraAnswer(command.command_id, self.rank, error=str(exc))
+        return LoraAnswer(command.command_id, self.rank, modules=summary.modules, rank_max=summary.rank,
+                          parameters=summary.parameters)
 
     def free(self, request_ids: list[str]) -> None:
         for rid in request_ids:

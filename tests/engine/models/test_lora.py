@@ -8,10 +8,8 @@ import torch
 
 from engine.models.loader import load_adapter
 from engine.models.lora_files import LoraFileError
-from engine.models.presets import build_preset
 from engine.params import ImageParams, InvalidParamsError, Limits, LoraRef
-from tests.helpers import pipeline_reference
-from tests.lora_helpers import make_adapters
+from tests.lora_helpers import lora_reference as reference
 
 LORA_PRESETS = ["tiny-flux", "tiny-sd3"]
 # Two adapters, one request with both at different scales, one with none; staggered.
@@ -25,30 +23,9 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def lora_setup(tmp_path_factory):
-    """preset -> (reference pipeline with both adapters loaded, adapter paths)."""
-    cache = {}
-
-    def get(preset: str):
-        if preset not in cache:
-            pipe = build_preset(preset)
-            paths = make_adapters(pipe, tmp_path_factory.mktemp(preset))
-            for name, path in paths.items():
-                pipe.load_lora_weights(str(path), adapter_name=name)
-            cache[preset] = (pipe, paths)
-        return cache[preset]
-
-    return get
-
-
-def reference(pipe, prompt: str, params: ImageParams):
-    if params.loras:
-        pipe.enable_lora()
-        pipe.set_adapters([r.name for r in params.loras], [r.scale for r in params.loras])
-    else:
-        pipe.disable_lora()
-    return pipeline_reference(pipe, prompt, params)
+@pytest.fixture
+def lora_setup(lora_pipelines):
+    return lambda preset: lora_pipelines(preset)[::2]
 
 
 @pytest.mark.slow
