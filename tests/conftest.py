@@ -31,7 +31,7 @@ def preset_pipelines():
 def lora_pipelines(tmp_path_factory):
     """preset -> (a pipeline with the test adapters loaded through diffusers, their folder,
     name -> path). Adapter files live in one folder per preset, the engine's lora_dir."""
-    from tests.lora_helpers import make_adapters
+    from tests.lora_helpers import load_reference_adapters, make_adapters
 
     cache = {}
 
@@ -41,8 +41,7 @@ def lora_pipelines(tmp_path_factory):
             pipe.set_progress_bar_config(disable=True)
             root = tmp_path_factory.mktemp(f"lora-{name}")
             paths = make_adapters(pipe, root)
-            for adapter, path in paths.items():
-                pipe.load_lora_weights(str(path), adapter_name=adapter)
+            load_reference_adapters(pipe, paths)
             cache[name] = (pipe, root, paths)
         return cache[name]
 

@@ -51,11 +51,37 @@ def make_adapters(pipe, root: Path) -> dict[str, Path]:
     return {name: make_lora(pipe, root / name, **spec) for name, spec in ADAPTERS.items()}
 
 
+def load_reference_adapters(pipe, paths: dict[str, Path]) -> None:
+    """Load the adapters into ``pipe`` the diffusers way: ``load_lora_weights``, or for a
+    pipeline without a LoRA mixin (PixArt) peft's own injection into its transformer."""
+    if hasattr(pipe, "load_lora_weights"):
+        for name, path in paths.items():
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        return
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for name, path in paths.items():
+        spec = ADAPTERS[name]
+        config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], target_modules=spec["targets"])
+        inject_adapter_in_model(config, pipe.transformer, adapter_name=name)
+        state = {k.removeprefix("transformer."): v for k, v in load_file(str(path / LORA_FILE)).items()}
+        set_peft_model_state_dict(pipe.transformer, state, adapter_name=name)
+
+
 def lora_reference(pipe, prompt: str, params: ImageParams):
     """diffusers' own LoRA (not fused), the request's adapters at its scales, one request at a time."""
-    if params.loras:
-        pipe.enable_lora()
-        pipe.set_adapters([r.name for r in params.loras], [r.scale for r in params.loras])
-    else:
-        pipe.disable_lora()
+    from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
+
+    names, weights = [r.name for r in params.loras], [r.scale for r in params.loras]
+    if hasattr(pipe, "set_adapters"):
+        if params.loras:
+            pipe.enable_lora()
+            pipe.set_adapters(names, weights)
+        else:
+            pipe.disable_lora()
+    else:  # what set_adapters does, on the transformer itself
+        set_adapter_layers(pipe.transformer, enabled=bool(params.loras))
+        if params.loras:
+            set_weights_and_activate_adapters(pipe.transformer, names, weights)
     return pipeline_reference(pipe, prompt, params)

@@ -9,6 +9,7 @@ from engine import AsyncEngine, EngineConfig, ImageParams
 from engine.lora_registry import LoraBusyError, LoraPathError, LoraRegistry
 from engine.messages import Stage
 from engine.params import InvalidParamsError
+from engine.scheduler.policies import StaticPolicy
 from tests.helpers import record_tasks, run_staggered
 from tests.lora_helpers import lora_reference
 
@@ -33,12 +34,13 @@ async def test_mixed_adapters_at_degree_two_on_two_workers_match_diffusers(lora_
     await engine.start()
     try:
         assert [e["name"] for e in engine.list_loras()] == ["glow", "ink"]
+        # One degree-2 lane that batches: staggered requests join the lane's running batch.
+        engine.scheduler.policy = StaticPolicy(static_degree=2, batch=True)
         tasks = record_tasks(engine)
         outputs = await run_staggered(engine, STAGGERED)
     finally:
         await engine.shutdown()
     denoise = [(task, steps) for task, steps in tasks if task.stage == Stage.DENOISE]
-    print([(len(t.group), t.request_ids, steps) for t, steps in denoise])
     assert all(len(task.group) == 2 for task, _ in denoise)
     mixes = {out.request_id: tuple(out.params.loras) for out in outputs}
     shared = [t for t, steps in denoise if len({mixes[r] for r in t.request_ids}) > 1 and len(set(steps)) > 1]

@@ -11,7 +11,7 @@ from engine.models.lora_files import LoraFileError
 from engine.params import ImageParams, InvalidParamsError, Limits, LoraRef
 from tests.lora_helpers import lora_reference as reference
 
-LORA_PRESETS = ["tiny-flux", "tiny-sd3"]
+LORA_PRESETS = ["tiny-flux", "tiny-sd3", "tiny-pixart"]
 # Two adapters, one request with both at different scales, one with none; staggered.
 REQUESTS = [
     ("a red fox", dict(seed=1, num_inference_steps=5, guidance_scale=4.0), [LoraRef(name="ink", scale=1.0)]),
