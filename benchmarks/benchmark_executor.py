@@ -7,7 +7,8 @@ Every part runs its sides in alternating rounds after a warm-up, so a burst of l
 elsewhere on a shared machine hits neither side alone. Parts 2 and 3 count each side's
 fastest of --repeats (3) rounds; part 1 is described below. --only runs one part.
 
-1. step overhead: one 512x512 request (batch 1, CFG) on small-pixart. The engine side is a
+1. step overhead: one 512x512 request (batch 1, CFG) on small-pixart (--model, --size,
+   --device change that: benchmarks/gpu_check.sh runs it on a GPU). The engine side is a
    1-worker multi-process engine: the time between consecutive progress outputs (the step's
    result reaching the caller, the next task sent, computed and answered). The bare side is
    the same adapter's ``denoise`` (transformer + CFG + scheduler step) called in this
@@ -16,7 +17,10 @@ fastest of --repeats (3) rounds; part 1 is described below. --only runs one part
    elsewhere; the ratio is the median over rounds of (engine median step / bare median
    step). Also reported: the ratio of each side's fastest step, and ``step_overhead_ms``,
    the median of (step wall time - the worker's own compute time of that step): the
-   engine's cost free of compute noise. Target ratio <= 1.05.
+   engine's cost free of compute noise (on a GPU the worker's own time is its host time:
+   kernels run on after it, so there this figure is not the engine's cost). Also the bare
+   transformer call alone, timed by hooks on it (CUDA events on a GPU), against the
+   engine's step. Target ratio <= 1.05.
 2. ring round trip: a TaskResult carrying a 1 MiB image sent to an echo process and back,
    through the shared-memory rings (msgspec, eventfd wake-ups) vs multiprocessing.Queue
    (pickle; spawn context). Median of --round-trips. Target >= 5x faster.
@@ -28,7 +32,8 @@ fastest of --repeats (3) rounds; part 1 is described below. --only runs one part
 
 JSON keys (--json PATH): step_overhead_ratio, step_overhead_ratio_fastest, engine_step_ms,
 bare_step_ms (medians), engine_step_fastest_ms, bare_step_fastest_ms, step_overhead_ms,
-overhead_rounds, torch_threads; shm_vs_mpqueue_speedup, shm_round_trip_ms,
+transformer_call_ms (median), step_vs_transformer_ratio (engine step over it), overhead_model,
+overhead_size, overhead_device, overhead_rounds, torch_threads; shm_vs_mpqueue_speedup, shm_round_trip_ms,
 mpqueue_round_trip_ms; two_vs_one_worker_speedup, one_worker_img_s, two_worker_img_s,
 one_worker_default_threads_img_s, two_vs_one_default_threads_speedup, one_worker_cores,
 two_worker_cores, one_worker_default_threads_cores (CPU cores the workers got, summed,
@@ -88,12 +93,17 @@ def engine_steps(dit, params: ImageParams) -> tuple[list[float], list[float]]:
 
 
 def bare_steps(adapter, params: ImageParams) -> list[float]:
+    import torch
+
     (cond, uncond), = adapter.encode(["a red fox in the snow"], [params])
     state = adapter.prepare("bare", params, cond, uncond)
+    on_gpu = adapter.device.type == "cuda"
     times = []
     while not state.done:
         start = time.perf_counter()
         adapter.denoise([state])
+        if on_gpu:  # the step is done when the device is
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return times[1:]  # the first step of a fresh request also warms its scheduler
 
@@ -101,22 +111,28 @@ def bare_steps(adapter, params: ImageParams) -> list[float]:
 def measure_step_overhead(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
+    from benchmarks.common import CallTimer
     from engine.executor.allocator import keep_freed_memory
     from engine.models.loader import load_adapter
     from entrypoints import DiT
 
     keep_freed_memory()  # as the worker does: the sides differ by the engine alone
-    params = ImageParams(width=512, height=512, num_inference_steps=args.overhead_steps, seed=1,
+    params = ImageParams(width=args.size, height=args.size, num_inference_steps=args.overhead_steps, seed=1,
                          output_format="raw")
-    with DiT(model="small-pixart", device="cpu", num_workers=1, executor="multiprocess") as dit:
-        adapter = load_adapter("small-pixart", "cpu")
+    # SDPA on both sides (auto would pick xformers on a GPU where it works; the bare side is diffusers').
+    with DiT(model=args.model, device=args.device, num_workers=1, executor="multiprocess",
+             attention_backend="sdpa") as dit:
+        adapter = load_adapter(args.model, args.device)
+        timer = CallTimer(adapter.transformer)
         resolved = dit.engine.resolve_params(params)
         bare_steps(adapter, resolved)  # warm-up
         engine_steps(dit, resolved)
-        engine, overhead, bare, ratios = [], [], [], []
+        engine, overhead, bare, ratios, transformer = [], [], [], [], []
         for _ in range(args.overhead_rounds):
             walls, extra = engine_steps(dit, resolved)
+            timer.clear()
             plain = bare_steps(adapter, resolved)
+            transformer += timer.seconds()[1:]  # the steps bare_steps counts
             engine += walls
             overhead += extra
             bare += plain
@@ -128,6 +144,9 @@ def measure_step_overhead(args: argparse.Namespace) -> dict[str, float]:
             "engine_step_ms": statistics.median(engine) * 1e3, "bare_step_ms": statistics.median(bare) * 1e3,
             "engine_step_fastest_ms": min(engine) * 1e3, "bare_step_fastest_ms": min(bare) * 1e3,
             "step_overhead_ms": statistics.median(overhead) * 1e3,
+            "transformer_call_ms": statistics.median(transformer) * 1e3,
+            "step_vs_transformer_ratio": statistics.median(engine) / statistics.median(transformer),
+            "overhead_model": args.model, "overhead_size": args.size, "overhead_device": str(adapter.device),
             "overhead_rounds": args.overhead_rounds, "torch_threads": torch.get_num_threads()}
 
 
@@ -266,6 +285,9 @@ def main() -> None:
                         help="alternating rounds of the ring and data-parallel parts; the fastest counts")
     parser.add_argument("--overhead-rounds", type=int, default=8)
     parser.add_argument("--overhead-steps", type=int, default=4, help="denoise steps per overhead round")
+    parser.add_argument("--model", default="small-pixart", help="model of the step-overhead part")
+    parser.add_argument("--size", type=int, default=512, help="image size of the step-overhead part")
+    parser.add_argument("--device", default="cpu", help="device of the step-overhead part (cpu, cuda)")
     parser.add_argument("--round-trips", type=int, default=200)
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4, help="denoise steps of the data-parallel requests")
@@ -292,7 +314,9 @@ def main() -> None:
                  ("step_overhead_ratio (median of rounds)", f"{figures['step_overhead_ratio']:.3f}", "<= 1.05"),
                  ("ratio of the fastest steps",
                   f"{figures['step_overhead_ratio_fastest']:.3f}", ""),
-                 ("engine overhead per step, median (ms)", f"{figures['step_overhead_ms']:.2f}", "")]
+                 ("engine overhead per step, median (ms)", f"{figures['step_overhead_ms']:.2f}", ""),
+                 ("bare transformer call, median (ms)", f"{figures['transformer_call_ms']:.1f}", ""),
+                 ("engine step / bare transformer call", f"{figures['step_vs_transformer_ratio']:.3f}", "")]
     if "shm_vs_mpqueue_speedup" in figures:
         rows += [("1 MiB round trip, shm rings (ms)", f"{figures['shm_round_trip_ms']:.3f}", ""),
                  ("1 MiB round trip, mp.Queue (ms)", f"{figures['mpqueue_round_trip_ms']:.3f}", ""),

@@ -15,10 +15,11 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.client import EngineLoad, Unhealthy
 from engine.config import EngineConfig
 from engine.device_monitor import DeviceMonitor
 from engine.executor.base import Executor
@@ -37,6 +38,9 @@ from engine.scheduler.factory import load_cost_model, make_scheduler
 from engine.scheduler.scheduler import RequestUpdate, Scheduler, UpdateKind
 from engine.stats import EngineObserver, RequestStats, TaskStats
 from engine.telemetry import Source
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +82,8 @@ class AsyncEngine:
         """``telemetry_source``: read GPU telemetry from it (a FakeSource, say) instead of NVML."""
         self.config = config
         self.executor = executor or make_executor(config)
-        self.devices = DeviceMonitor(config.telemetry.telemetry_period_s, source=telemetry_source)
+        self.devices = DeviceMonitor(config.telemetry.telemetry_period_s, source=telemetry_source,
+                                     detect_foreign=config.telemetry.detect_foreign_processes)
         self.model_info: ModelInfo | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._dispatch_pending = False
@@ -113,13 +118,18 @@ class AsyncEngine:
             self.model_info = None
             await self.executor.shutdown()
             raise
+        try:
+            await self.devices.start(device=self.config.model.device, model_device=info.device,
+                                     num_ranks=self.executor.num_workers, our_pids=self._our_pids,
+                                     on_sample=self._on_telemetry)
+        except BaseException:
+            self.model_info = None
+            await self.executor.shutdown()  # no worker outlives a failed start
+            raise
         if info.backend == "pipeline":
             logger.warning("model %s runs through the whole-pipeline fallback (no native adapter, or "
                            "--backend diffusers): one request per pipeline call, no step batching, no sequence "
                            "parallelism", info.name)
-        await self.devices.start(device=self.config.model.device, model_device=info.device,
-                                 num_ranks=self.executor.num_workers, our_pids=self._our_pids,
-                                 on_sample=self._on_telemetry)
         logger.info("engine ready: %s on %d worker(s), policy %s", self.model_info.name,
                     self.executor.num_workers, self.scheduler.policy.name)
 
@@ -150,8 +160,9 @@ class AsyncEngine:
         return resolved
 
     async def generate(self, prompt: str, params: ImageParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, *, progress: bool = True) -> AsyncIterator[RequestOutput]:
         """Yield progress outputs (step i of N), then the final output with the images.
+        With ``progress`` False, only progress outputs that carry previews are yielded.
 
         Raises InvalidParamsError for bad input (before anything runs), RequestFailedError
         if the request fails, RequestAbortedError if it is aborted. Closing or cancelling
@@ -183,7 +194,8 @@ class AsyncEngine:
                     done = True
                     raise out
                 done = out.finished
-                yield out
+                if done or progress or out.previews:
+                    yield out
                 if done:
                     return
         finally:
@@ -243,6 +255,29 @@ class AsyncEngine:
 
     def list_loras(self) -> list[dict]:
         return self.loras.describe()
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(self.scheduler.num_waiting, self.scheduler.num_running)
+
+    async def health(self, stall_timeout_s: float) -> Unhealthy | None:
+        """None while the workers live and, with work pending, some task has finished within
+        ``stall_timeout_s``."""
+        if not self.is_running:
+            return Unhealthy("engine_unavailable", "the engine's workers are not running")
+        pending = [r.arrival_time for r in self.scheduler.requests.values()]
+        if pending:
+            # Progress is judged from the later of the last result and the oldest request's
+            # arrival, so an engine that was idle for a while is not called stalled.
+            quiet = time.monotonic() - max(self.last_progress_time, min(pending))
+            if quiet > stall_timeout_s:
+                return Unhealthy("engine_stalled", f"the engine has made no progress for {quiet:.0f} s "
+                                                   f"with {len(pending)} request(s) pending")
+        return None
+
+    def metric_collectors(self) -> list[Collector]:
+        from engine.metrics import local_collectors
+
+        return local_collectors(lambda: self.scheduler.admission_cuts, self.devices)
 
     def device_summary(self) -> str:
         """One line on the GPUs the engine sees (or why it sees none), for start-up logs."""

@@ -30,6 +30,8 @@ class ModelConfig:
     """auto, sdpa or xformers (xformers only where CUDA and a matching build exist)."""
     backend: str = "auto"
     """auto (a native adapter where the family has one, else the whole diffusers pipeline per request) or diffusers (always the whole pipeline: no step batching, no sequence parallelism)."""
+    compile: bool = False
+    """torch.compile (inductor) the transformer's repeated blocks; the first steps at a new batch layout or image size pay the compile, logged."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class ParallelConfig:
 class TelemetryConfig:
     telemetry_period_s: float = 0.2
     """Seconds between GPU telemetry (NVML) samples that shape placement and memory admission; 0 turns telemetry off."""
+    detect_foreign_processes: bool = True
+    """Count other programs' processes on our GPUs as foreign (their ranks are avoided for groups and derated); --no-detect-foreign-processes where NVML's pids cannot be matched to ours (some containers)."""
 
 
 @dataclass(frozen=True)
@@ -139,8 +143,12 @@ def add_engine_args(parser: argparse.ArgumentParser, *, with_model: bool = True)
             if "tuple" in str(f.type):
                 group.add_argument(flag, dest=f.name, action="append", default=None, help=_doc(cls, f.name))
                 continue
-            kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
             default = f.default
+            if str(f.type) in ("bool", "<class 'bool'>"):
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                   help=f"{_doc(cls, f.name)} (default: {'on' if default else 'off'})")
+                continue
+            kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
             group.add_argument(flag, dest=f.name, type=kind, default=None,
                                help=f"{_doc(cls, f.name)} (default: {default})")
     for name in _LIMIT_FIELDS:

@@ -25,11 +25,13 @@ logger = logging.getLogger(__name__)
 
 class DeviceMonitor:
     def __init__(self, period_s: float, *, source: Source | None = None,
-                 rank_devices: Mapping[int, int] | None = None, rules: InterferenceRules | None = None) -> None:
+                 rank_devices: Mapping[int, int] | None = None, rules: InterferenceRules | None = None,
+                 detect_foreign: bool = True) -> None:
         """``source``: read it instead of NVML; ``rank_devices``: rank -> device index
         (default: NVML's mapping of the workers' CUDA devices, or rank r -> device r for
-        a given source)."""
+        a given source); ``detect_foreign`` False: no process counts as foreign."""
         self.period_s = period_s
+        self.detect_foreign = detect_foreign
         self.rules = rules or InterferenceRules()
         self._source = source
         self._rank_devices = dict(rank_devices) if rank_devices is not None else None
@@ -53,11 +55,12 @@ class DeviceMonitor:
             logger.info("GPU telemetry off: %s", self._off_reason)
             return
         if self._source is not None:
-            sampler = TelemetrySampler(Telemetry(self._source, our_pids), self.period_s, notify)
+            sampler = TelemetrySampler(Telemetry(self._source, our_pids, detect_foreign=self.detect_foreign),
+                                       self.period_s, notify)
             rank_devices = self._rank_devices if self._rank_devices is not None else {r: r for r in range(num_ranks)}
         else:
             def open_nvml() -> tuple[TelemetrySampler, dict[int, int]]:
-                sampler = TelemetrySampler.from_nvml(our_pids, self.period_s, notify)
+                sampler = TelemetrySampler.from_nvml(our_pids, self.period_s, notify, self.detect_foreign)
                 source = sampler.telemetry.source
                 if self._rank_devices is not None:
                     return sampler, self._rank_devices
@@ -65,8 +68,14 @@ class DeviceMonitor:
                     return sampler, source.rank_devices(device, num_ranks)  # type: ignore[attr-defined]
                 return sampler, {}
 
-            # NVML calls (init, UUID look-ups) stay off the loop.
-            sampler, rank_devices = await loop.run_in_executor(None, open_nvml)
+            # NVML calls (init, UUID look-ups) stay off the loop; NVML failing in any way
+            # means no telemetry, never a failed start.
+            try:
+                sampler, rank_devices = await loop.run_in_executor(None, open_nvml)
+            except Exception as exc:  # noqa: BLE001
+                self._off_reason = f"NVML failed: {type(exc).__name__}: {exc}"
+                logger.warning("GPU telemetry off: %s", self._off_reason)
+                return
         self._rank_devices = rank_devices
         self.sampler = sampler
         if sampler.available:

@@ -15,8 +15,10 @@ class DeviceStats:
     index: int  # NVML device index
     memory_used: int
     memory_total: int
-    gpu_util: float  # percent of time a kernel ran, last sample period
-    memory_util: float
+    # Percent of the last sample period a kernel ran / memory was busy; None where the
+    # device does not say (MIG instances).
+    gpu_util: float | None
+    memory_util: float | None
     # pid -> bytes used on the device, for every compute (or graphics) process NVML sees.
     processes: dict[int, int] = field(default_factory=dict)
     # pid -> SM utilisation (%) of each process, where the driver keeps per-process samples.
@@ -41,4 +43,4 @@ class DeviceStats:
         overestimates while ours run)."""
         if self.process_util:
             return min(100.0, sum(self.process_util.get(pid, 0.0) for pid in foreign))
-        return self.gpu_util
+        return self.gpu_util or 0.0

@@ -8,7 +8,7 @@ per-device gauges, from the telemetry sampler's latest snapshot (``DeviceCollect
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -20,7 +20,8 @@ from engine.messages import Stage
 from engine.stats import RequestStats, TaskStats
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from engine.client import EngineClient
+    from engine.device_monitor import DeviceMonitor
 
 # Outcomes of a request: the engine's three ends, and the refusals of a front end.
 OUTCOMES = ("finished", "failed", "aborted", "rejected", "queue_full")
@@ -31,15 +32,15 @@ __all__ = ["CONTENT_TYPE_LATEST", "EngineMetrics"]
 
 
 class EngineMetrics:
-    """Observes an engine (``engine.add_observer``) and renders the Prometheus text format."""
+    """Observes an engine client (``add_observer``) and renders the Prometheus text format."""
 
-    def __init__(self, engine: AsyncEngine, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, engine: EngineClient, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.queue_depth = Gauge("gfdit_queue_depth", "Requests waiting for their first task.", registry=r)
-        self.queue_depth.set_function(lambda: engine.scheduler.num_waiting)
+        self.queue_depth.set_function(lambda: engine.load().waiting)
         self.running = Gauge("gfdit_running_requests", "Requests whose state lives on a worker.", registry=r)
-        self.running.set_function(lambda: engine.scheduler.num_running)
+        self.running.set_function(lambda: engine.load().running)
         self.requests = Counter("gfdit_requests", "Requests by how they ended.", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
@@ -58,11 +59,8 @@ class EngineMetrics:
                                  "peak and the worker's actual one.", ["stage", "kind"], registry=r)
         self.underpredicted = Counter("gfdit_memory_underpredicted_tasks",
                                       "Tasks whose actual memory peak exceeded the prediction.", registry=r)
-        self.admission_cuts = Gauge("gfdit_memory_admission_cut_requests",
-                                    "Requests memory admission held back from a planned task (since start).",
-                                    registry=r)
-        self.admission_cuts.set_function(lambda: engine.scheduler.admission_cuts)
-        r.register(DeviceCollector(engine))
+        for collector in engine.metric_collectors():
+            r.register(collector)
         engine.add_observer(self)
 
     # ----- EngineObserver ------------------------------------------------------------
@@ -96,6 +94,21 @@ class EngineMetrics:
         return generate_latest(self.registry)
 
 
+def local_collectors(admission_cuts: Callable[[], int], devices: DeviceMonitor) -> list[Collector]:
+    """What only an engine in this process can report: memory admission and its devices."""
+    return [AdmissionCollector(admission_cuts), DeviceCollector(devices)]
+
+
+class AdmissionCollector(Collector):
+    def __init__(self, admission_cuts: Callable[[], int]) -> None:
+        self.admission_cuts = admission_cuts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("gfdit_memory_admission_cut_requests",
+                                "Requests memory admission held back from a planned task (since start).",
+                                value=float(self.admission_cuts()))
+
+
 # (name, help, value of a DeviceStats or None): the per-device gauges read from NVML.
 _DEVICE_GAUGES = (
     ("memory_used_bytes", "Device memory in use (all processes).", lambda d: d.memory_used),
@@ -114,11 +127,11 @@ class DeviceCollector(Collector):
     """Per-device gauges at scrape time from the telemetry sampler's latest snapshot, plus
     what the scheduler makes of them: foreign processes, derated speed, interference."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, devices: DeviceMonitor) -> None:
+        self.devices = devices
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        monitor = self.engine.devices
+        monitor = self.devices
         snapshot = monitor.snapshot()
         state = monitor.state()
         devices = sorted(snapshot.devices.items())

@@ -3,7 +3,8 @@
 NVML is a management library: it never creates a CUDA context, so the engine process can
 read every GPU without touching CUDA. Every call here runs on the telemetry thread.
 
-Rank r runs on CUDA ordinal ``r % visible`` (engine/executor/multiproc.py). CUDA ordinals
+Rank r runs on CUDA ordinal ``r`` (engine/executor/multiproc.py, which refuses more GPU
+workers than GPUs visible: NCCL needs one GPU per rank). CUDA ordinals
 count the devices in ``CUDA_VISIBLE_DEVICES`` (when set), and NVML counts every device on
 the machine, so ordinal k is NVML device k only when nothing is hidden. The mapping reads
 the variable: an integer entry is an NVML index (exact with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``,
@@ -11,6 +12,10 @@ which NVML also follows; CUDA's default fastest-first order agrees on machines o
 identical GPUs), a ``GPU-<uuid>`` entry (or a unique prefix of one) is looked up by UUID.
 MIG instances (``MIG-...``) have no device-level figures: such ranks go unmapped and the
 scheduler treats them as without telemetry.
+
+Readings a device may not support (utilisation on MIG, power, clocks ...) are optional:
+the others stay. A device whose handle cannot be had is left out, the rest still read;
+NVML failing as a whole means no telemetry, never a failed engine start.
 """
 
 from __future__ import annotations
@@ -59,9 +64,17 @@ class NvmlSource:
         except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, ImportError ...
             raise TelemetryUnavailable(f"NVML is not available ({exc})") from exc
         self.nvml = pynvml
-        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as exc:
+            raise TelemetryUnavailable(f"NVML cannot count the devices ({exc})") from exc
+        # None where NVML gives no handle (a device it cannot reach): no figures for it.
+        self.handles: list[object | None] = [
+            self._optional(lambda i=i: pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
+        if not any(h is not None for h in self.handles):
+            raise TelemetryUnavailable("NVML gives no handle for any device")
         self.names = [self._text(self._optional(lambda h=h: pynvml.nvmlDeviceGetName(h)) or "GPU")
-                      for h in self.handles]
+                      if h is not None else "" for h in self.handles]
         # Per device, the newest per-process sample seen (NVML's microsecond timestamps).
         self._last_sample_us = [0] * len(self.handles)
 
@@ -83,6 +96,8 @@ class NvmlSource:
             return index if index < len(self.handles) else None
         if entry.startswith("GPU-"):
             for index, handle in enumerate(self.handles):
+                if handle is None:
+                    continue
                 uuid = self._text(self._optional(lambda h=handle: self.nvml.nvmlDeviceGetUUID(h)) or "")
                 if uuid.startswith(entry):
                     return index
@@ -93,12 +108,15 @@ class NvmlSource:
         nvml = self.nvml
         out = []
         for index, handle in enumerate(self.handles):
+            if handle is None:
+                continue
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            util = nvml.nvmlDeviceGetUtilizationRates(handle)
+            util = self._optional(lambda h=handle: nvml.nvmlDeviceGetUtilizationRates(h))  # NotSupported on MIG
             clock = self._optional(lambda h=handle: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM))
             out.append(DeviceStats(
                 index=index, name=self.names[index], memory_used=int(memory.used), memory_total=int(memory.total),
-                gpu_util=float(util.gpu), memory_util=float(util.memory),
+                gpu_util=None if util is None else float(util.gpu),  # type: ignore[attr-defined]
+                memory_util=None if util is None else float(util.memory),  # type: ignore[attr-defined]
                 processes=self._processes(handle), process_util=self._process_util(index, handle),
                 power_w=self._optional(lambda h=handle: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0),
                 temperature_c=self._optional(

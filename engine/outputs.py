@@ -94,6 +94,8 @@ class RequestOutput:
     previews: list[GeneratedImage] = field(default_factory=list)
     metrics: RequestMetrics | None = None
     latents: np.ndarray | None = None
+    # Which engine replica made it, when the engine runs as several (None in process).
+    replica: str | None = None
 
     @property
     def seed(self) -> int:

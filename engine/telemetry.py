@@ -22,6 +22,7 @@ from typing import Protocol
 
 from engine.device_stats import DeviceStats, TelemetryUnavailable
 from engine.nvml import NvmlSource
+from engine.pid_namespace import PidNamespace
 
 __all__ = ["DeviceStats", "FakeSource", "Reading", "Snapshot", "Source", "Telemetry", "TelemetrySampler",
            "TelemetryUnavailable", "summary"]
@@ -89,10 +90,16 @@ class Telemetry:
     """Turns readings into snapshots; ``sample`` is pure given ``now``, the thread calls it."""
 
     def __init__(self, source: Source | None, our_pids: Callable[[], Iterable[int]] = tuple,
-                 smoothing: float = 0.3) -> None:
+                 smoothing: float = 0.3, *, pids: PidNamespace | None = None,
+                 detect_foreign: bool = True) -> None:
+        """``pids``: map our processes through their PID namespaces (NVML's pids; None:
+        compare as they are, as scripted sources need); ``detect_foreign`` False: no
+        process is foreign, only the memory readings count."""
         self.source = source
         self.our_pids = our_pids
         self.smoothing = smoothing
+        self.pids = pids
+        self.detect_foreign = detect_foreign
         self.latest = Snapshot.empty()
         self.error: str | None = None  # why the source stopped, once it has
 
@@ -107,8 +114,7 @@ class Telemetry:
                 self.error = str(exc)
             self.latest = Snapshot(now, {}, {}, {})
             return self.latest
-        ours = set(self.our_pids())
-        foreign = {d.index: d.foreign_pids(ours) for d in devices}
+        foreign = self._foreign(devices)
         previous = self.latest.foreign_util
         foreign_util = {}
         for d in devices:
@@ -118,6 +124,15 @@ class Telemetry:
                 foreign_util[d.index] = (1 - self.smoothing) * before + self.smoothing * load
         self.latest = Snapshot(now, {d.index: d for d in devices}, foreign, foreign_util)
         return self.latest
+
+    def _foreign(self, devices: list[DeviceStats]) -> dict[int, list[int]]:
+        if not self.detect_foreign:
+            return {d.index: [] for d in devices}
+        if self.pids is None:
+            ours = set(self.our_pids())
+            return {d.index: d.foreign_pids(ours) for d in devices}
+        ours = self.pids.ours(self.our_pids())
+        return {d.index: self.pids.foreign(d.processes, ours) for d in devices}
 
 
 class TelemetrySampler:
@@ -136,7 +151,8 @@ class TelemetrySampler:
 
     @classmethod
     def from_nvml(cls, our_pids: Callable[[], Iterable[int]], period_s: float = 0.2,
-                  on_sample: Callable[[Snapshot], None] | None = None) -> TelemetrySampler:
+                  on_sample: Callable[[Snapshot], None] | None = None,
+                  detect_foreign: bool = True) -> TelemetrySampler:
         """NVML's sampler, or one that reports nothing (said once in the log) without NVML.
         NVML's initialisation can take a while: call this off the event loop."""
         try:
@@ -146,7 +162,8 @@ class TelemetrySampler:
             reason = str(exc)
             logger.info("GPU telemetry off: %s", exc)
             source = None
-        return cls(Telemetry(source, our_pids), period_s, on_sample, reason)
+        return cls(Telemetry(source, our_pids, pids=PidNamespace(), detect_foreign=detect_foreign),
+                   period_s, on_sample, reason)
 
     @property
     def available(self) -> bool:
@@ -185,6 +202,7 @@ def summary(snapshot: Snapshot, reason: str | None = None) -> str:
         return f"devices: no GPU telemetry: {reason or 'no devices reported'}"
     parts = []
     for index, d in sorted(snapshot.devices.items()):
+        util = "n/a" if d.gpu_util is None else f"{d.gpu_util:.0f}%"
         parts.append(f"{index} {d.name or 'GPU'} {d.memory_total / GiB:.1f} GiB ({d.memory_used / GiB:.1f} used, "
-                     f"util {d.gpu_util:.0f}%, {len(snapshot.foreign.get(index, []))} foreign)")
+                     f"util {util}, {len(snapshot.foreign.get(index, []))} foreign)")
     return "devices: " + "; ".join(parts)

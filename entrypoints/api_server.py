@@ -1,4 +1,7 @@
-"""The OpenAI-compatible images HTTP server: an aiohttp app over one AsyncEngine.
+"""The OpenAI-compatible images HTTP server: an aiohttp app over one engine client.
+
+The engine is an ``EngineClient``: an ``AsyncEngine`` in this process, or a client of
+engine replicas on Ray Serve; the server does not tell them apart.
 
 Routes: ``POST /v1/images/generations``, ``GET /v1/models[/{id}]``, ``GET /images/{name}``
 (the links of ``response_format="url"``), ``GET /health``, ``GET /metrics``, and
@@ -25,7 +28,7 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from engine.async_engine import AsyncEngine
+from engine.client import EngineClient
 from engine.metrics import CONTENT_TYPE_LATEST, EngineMetrics
 from entrypoints.admission import Admission
 from entrypoints.image_store import ImageStore
@@ -62,7 +65,7 @@ class ServerConfig:
 
 
 class APIServer:
-    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
+    def __init__(self, engine: EngineClient, config: ServerConfig) -> None:
         assert engine.model_info is not None, "start the engine first"
         self.engine = engine
         self.config = config
@@ -184,23 +187,13 @@ class APIServer:
 
     async def _health(self, request: web.Request) -> web.Response:
         """200 while the server takes requests, the workers live and the engine makes progress."""
-        engine = self.engine
         if self.admission.draining:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-        if not engine.is_running or not engine.executor.healthy:
-            raise APIError(503, "the engine's workers are not running", type="server_error",
-                           code="engine_unavailable")
-        pending = [r.arrival_time for r in engine.scheduler.requests.values()]
-        if pending:
-            # Progress is judged from the later of the last result and the oldest request's
-            # arrival, so an engine that was idle for a while is not called stalled.
-            quiet = time.monotonic() - max(engine.last_progress_time, min(pending))
-            if quiet > self.config.stall_timeout_s:
-                raise APIError(503, f"the engine has made no progress for {quiet:.0f} s with "
-                                    f"{len(pending)} request(s) pending", type="server_error",
-                               code="engine_stalled")
+        unhealthy = await self.engine.health(self.config.stall_timeout_s)
+        if unhealthy is not None:
+            raise APIError(503, unhealthy.message, type="server_error", code=unhealthy.code)
         return web.json_response({"status": "ok", "model": self.model_names[0],
-                                  "requests": engine.num_unfinished})
+                                  "requests": self.engine.num_unfinished})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run: Callable[[argparse.Namespace], int] = args.run
-    return run(args)
+    from engine.executor.worker_handle import WorkerStartError
+
+    try:
+        return run(args)
+    except WorkerStartError as exc:  # the workers could not start: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 __all__ = ["add_engine_args", "engine_options_from_args", "main", "parse_size"]

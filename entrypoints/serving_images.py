@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
-from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.async_engine import EngineDeadError
+from engine.client import EngineClient
 from engine.metrics import EngineMetrics
 from engine.outputs import GeneratedImage, RequestAbortedError, RequestFailedError, RequestOutput
 from engine.params import ImageParams, InvalidParamsError, check_prompt
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 # The uuid4 the server gives each HTTP request; also its engine request id.
 REQUEST_ID = web.RequestKey("request_id", str)
+# Names the engine replica that made a (non-streamed) answer, when there are replicas.
+REPLICA_HEADER = "X-Gfdit-Replica"
 # quality -> fraction of the model's default denoising steps (at least 1 step).
 QUALITY_STEPS = {"low": 0.25, "medium": 0.5, "high": 1.0, "auto": 1.0}
 _SIZE = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
@@ -84,7 +87,7 @@ class Job:
 
 
 class ImageGenerations:
-    def __init__(self, engine: AsyncEngine, admission: Admission, store: ImageStore,
+    def __init__(self, engine: EngineClient, admission: Admission, store: ImageStore,
                  metrics: EngineMetrics, model_names: tuple[str, ...], max_body_bytes: int) -> None:
         self.engine = engine
         self.admission = admission
@@ -164,7 +167,8 @@ class ImageGenerations:
     async def _complete(self, request: web.Request, job: Job, request_id: str) -> web.Response:
         final: RequestOutput | None = None
         with _engine_errors():
-            async with aclosing(self.engine.generate(job.prompt, job.params, request_id)) as outputs:
+            async with aclosing(self.engine.generate(job.prompt, job.params, request_id,
+                                                     progress=False)) as outputs:
                 async for out in outputs:
                     final = out
         assert final is not None and final.finished
@@ -175,7 +179,8 @@ class ImageGenerations:
             body = _encode_response(job, created, data)
         else:
             body = await asyncio.to_thread(_b64_response, job, created, final.images)
-        return web.Response(body=body, content_type="application/json")
+        headers = {REPLICA_HEADER: final.replica} if final.replica else None
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _stream(self, request: web.Request, job: Job, request_id: str) -> web.StreamResponse:
         response = web.StreamResponse(headers={
@@ -185,7 +190,8 @@ class ImageGenerations:
         try:
             try:
                 with _engine_errors():
-                    async with aclosing(self.engine.generate(job.prompt, job.params, request_id)) as outputs:
+                    async with aclosing(self.engine.generate(job.prompt, job.params, request_id,
+                                                             progress=False)) as outputs:
                         async for out in outputs:
                             if out.previews:
                                 chunk = await asyncio.to_thread(_partial_events, job, out.previews, sent_partials)

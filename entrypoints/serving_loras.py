@@ -12,7 +12,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from engine.async_engine import AsyncEngine
+from engine.client import EngineClient
 from engine.lora_registry import LoraBusyError, LoraPathError
 from engine.params import InvalidParamsError
 from entrypoints.protocol import APIError
@@ -24,18 +24,21 @@ class LoadLoraRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class LoraRoutes:
-    def __init__(self, engine: AsyncEngine, admin: bool) -> None:
+    def __init__(self, engine: EngineClient, admin: bool) -> None:
         self.engine = engine
         self.admin = admin
 
     def routes(self) -> list[web.RouteDef]:
+        if not hasattr(self.engine, "load_lora"):
+            # Engines behind a client (Ray replicas) take adapters from --lora at start-up only.
+            return []
         routes = [web.get("/v1/loras", self.list)]
         if self.admin:
             routes += [web.post("/v1/loras", self.load), web.delete("/v1/loras/{name}", self.unload)]
         return routes
 
     async def list(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": self.engine.list_loras()})
+        return web.json_response({"object": "list", "data": self.engine.list_loras()})  # type: ignore[attr-defined]
 
     async def load(self, request: web.Request) -> web.Response:
         try:
@@ -44,7 +47,7 @@ class LoraRoutes:
             raise APIError(400, f"the body must be {{\"name\": str, \"path\": str}}: {exc}",
                            code="invalid_value") from None
         try:
-            entry = await self.engine.load_lora(body.name, body.path)
+            entry = await self.engine.load_lora(body.name, body.path)  # type: ignore[attr-defined]
         except LoraPathError as exc:
             raise APIError(403, str(exc), param="path", code="path_not_allowed") from None
         except InvalidParamsError as exc:
@@ -56,7 +59,7 @@ class LoraRoutes:
     async def unload(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         try:
-            await self.engine.unload_lora(name)
+            await self.engine.unload_lora(name)  # type: ignore[attr-defined]
         except KeyError:
             raise APIError(404, f"no LoRA adapter {name!r} is loaded", code="lora_not_found") from None
         except LoraBusyError as exc:

@@ -12,13 +12,16 @@ Backends:
 - ``NcclCollectives`` (GPU): point-to-point ``isend``/``irecv`` over the single world
   communicator, so any subset of ranks can talk without a new one; every pair is warmed
   up once at start-up.
-Both raise ``CollectiveError`` when a peer dies or a collective outlasts its timeout.
+Both raise ``CollectiveError`` when a peer dies or a collective outlasts its timeout. On
+NCCL the timeout is the process group's (engine/executor/world.py): its watchdog ends an
+operation that outlasts it by ending the process, which the engine then replaces.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -42,6 +45,13 @@ class Collectives(ABC):
 
     rank: int
     world_size: int
+    # Whether the next world epoch replaces everything these collectives hold (CPU: a fresh
+    # shared-memory segment), so that a member whose peer died may stay; NCCL's
+    # communicator may still hold operations that never complete.
+    renewed_with_world: ClassVar[bool] = False
+    # Whether a migration sends the state's device tensors as they are (NCCL) rather than
+    # as bytes (engine/executor/migration.py).
+    moves_device_tensors: ClassVar[bool] = False
 
     def _index(self, group: Group) -> int:
         try:
@@ -82,6 +92,12 @@ class Collectives(ABC):
         """Return once every member of ``group`` has entered the barrier."""
         self.all_gather(group, torch.zeros(1, dtype=torch.uint8))
 
+    def exchange_tensors(self, outgoing: dict[int, list[torch.Tensor]],
+                         incoming: dict[int, list[tuple[list[int], torch.dtype]]]) -> dict[int, list[torch.Tensor]]:
+        """Send each peer in ``outgoing`` its tensors and receive, from each peer in
+        ``incoming``, tensors of the given shapes and dtypes, all at once."""
+        raise NotImplementedError(f"{type(self).__name__} moves state as bytes")
+
     def close(self) -> None:
         return None
 
@@ -93,6 +109,8 @@ def _as_bytes(tensor: torch.Tensor) -> np.ndarray:
 
 class ShmCollectives(Collectives):
     """CPU collectives over the world's shared-memory channels."""
+
+    renewed_with_world = True
 
     def __init__(self, spec: WorldSpec, rank: int, timeout_s: float = 60.0) -> None:
         self.rank = rank
@@ -150,10 +168,15 @@ class NcclCollectives(Collectives):
 
     ``torch.distributed`` must already be initialised over the world (NCCL). P2P calls on
     the default group name peers by world rank, so no sub-communicator is ever made.
+    ``dist`` stands in for ``torch.distributed`` in tests.
     """
 
-    def __init__(self, rank: int, world_size: int, device: torch.device, timeout_s: float = 60.0) -> None:
-        import torch.distributed as dist
+    moves_device_tensors = True
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, timeout_s: float = 60.0,
+                 dist: Any = None) -> None:
+        if dist is None:
+            import torch.distributed as dist
 
         self.dist = dist
         self.rank = rank
@@ -171,7 +194,24 @@ class NcclCollectives(Collectives):
                 lo, hi = sorted((self.rank, peer))
                 group = (lo, hi)
                 self.all_gather(group, probe)
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def barrier(self, group: Group) -> None:
+        # NCCL moves device tensors only: the base class's CPU probe would be refused.
+        self.all_gather(group, torch.zeros(1, dtype=torch.uint8, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # NCCL work only queues; a barrier must wait
+
+    def exchange_tensors(self, outgoing: dict[int, list[torch.Tensor]],
+                         incoming: dict[int, list[tuple[list[int], torch.dtype]]]) -> dict[int, list[torch.Tensor]]:
+        received = {src: [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in specs]
+                    for src, specs in incoming.items()}
+        # Both ends know every shape, so both skip the empty tensors. Transfers between one
+        # pair are matched in the order they were posted.
+        self._exchange([(t.contiguous(), dst) for dst, tensors in outgoing.items() for t in tensors if t.numel()],
+                       [(t, src) for src, tensors in received.items() for t in tensors if t.numel()])
+        return received
 
     def _exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
         dist = self.dist

@@ -45,6 +45,10 @@ class CollectiveError(RuntimeError):
     """A collective could not complete: a peer died, or it took longer than the timeout."""
 
 
+class PeerDiedError(CollectiveError):
+    """A peer's process ended during a collective (its replacement joins a new world)."""
+
+
 @dataclass(frozen=True)
 class WorldSpec:
     """Names of the shared resources of a world; plain data, sent to every worker."""
@@ -152,7 +156,7 @@ class Channels:
             return
         for peer in peers:
             if not self.alive(peer):
-                raise CollectiveError(f"rank {self.rank}: peer rank {peer} died during a collective")
+                raise PeerDiedError(f"rank {self.rank}: peer rank {peer} died during a collective")
 
     def alive(self, peer: int) -> bool:
         pid = int(self._pids[peer])

@@ -6,8 +6,10 @@ import asyncio
 import concurrent.futures
 import os
 
+from engine.config import EngineConfig
 from engine.executor.allocator import keep_freed_memory
 from engine.executor.base import Executor, FailureCallback, RestartCallback, ResultCallback
+from engine.executor.device_ops import DeviceOps
 from engine.executor.worker import Worker
 from engine.messages import LoraAnswer, LoraCommand, ModelInfo, Task, TaskResult
 from engine.models.attention import resolve_attention_backend
@@ -15,7 +17,14 @@ from engine.models.loader import load_adapter
 
 
 class InProcessExecutor(Executor):
-    """Rank 0 only. A single thread runs tasks and frees in the order they were sent."""
+    """Rank 0 only. A single thread runs tasks and frees in the order they were sent.
+
+    ``device_ops`` stands in for the device's synchronisation and memory readings (tests).
+    """
+
+    def __init__(self, config: EngineConfig, *, device_ops: DeviceOps | None = None) -> None:
+        super().__init__(config)
+        self._device_ops = device_ops
 
     @property
     def num_workers(self) -> int:
@@ -31,7 +40,8 @@ class InProcessExecutor(Executor):
         adapter = await self._loop.run_in_executor(
             self._thread, load_adapter, model.model, model.device, model.dtype, model.backend)
         backend = resolve_attention_backend(model.attention_backend, adapter.device)
-        self._worker = Worker(0, adapter, attention_backend=backend)
+        self._worker = Worker(0, adapter, attention_backend=backend, ops=self._device_ops,
+                              compile=model.compile)
         for name, path in self.loras.items():
             answer = await self.lora_command(name, path)
             if answer[0].error:

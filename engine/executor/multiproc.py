@@ -18,6 +18,14 @@ command ring in order, and a submit writes to all member rings in one loop callb
 every rank sees tasks and JoinWorld in the same order. The executor still sends JoinWorld
 only when no multi-rank task is in flight, and holds new multi-rank tasks until every
 rank has joined: no collective straddles two worlds. Single-rank tasks keep flowing.
+A rank that does not answer JoinWorld within ``join_timeout_s`` (plus a grace) is stuck
+(say, leaving a world whose peer died) and is killed, which moves the world to the next
+epoch.
+
+On GPU, when a rank dies, the other members of its running multi-rank tasks are killed
+too: their NCCL transfers wait for a peer that will never answer, and nothing but the
+process group's watchdog (after the collective timeout) would end them. On CPU they see
+the death within a second (the channels' pid table), fail the task and stay.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from engine.executor.protocol import (
     Joined,
     JoinFailed,
     JoinWorld,
+    Leaving,
     Ready,
     Shutdown,
     StartFailed,
@@ -44,7 +53,7 @@ from engine.executor.protocol import (
     encoder,
 )
 from engine.executor.shm_queue import DEFAULT_CAPACITY
-from engine.executor.worker_handle import WorkerHandle, WorkerStartError
+from engine.executor.worker_handle import DeviceLayoutError, WorkerHandle, WorkerStartError
 from engine.messages import FreeRequests, LoraAnswer, LoraCommand, ModelInfo, Task, TaskResult
 
 logger = logging.getLogger(__name__)
@@ -71,6 +80,26 @@ def rank_device(device: str, rank: int) -> str:
     return "cpu" if device == "auto" else device
 
 
+def gpu_layout_error(devices: list[str], visible: str | None) -> str | None:
+    """Why these per-rank devices cannot form an NCCL world, or None.
+
+    NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), and MIG instances
+    cannot talk to each other through it, so several GPU workers need one whole GPU
+    each; co-located ranks have no other path on GPU. ``visible`` is CUDA_VISIBLE_DEVICES.
+    """
+    gpus = [d for d in devices if d.startswith("cuda")]
+    if len(gpus) < 2:
+        return None
+    if visible is not None and any(e.strip().startswith("MIG-") for e in visible.split(",")):
+        return (f"{len(gpus)} workers on MIG instances: NCCL cannot connect MIG instances; "
+                "run one worker per whole GPU, or --num-workers 1")
+    shared = sorted({d for d in gpus if gpus.count(d) > 1})
+    if shared:
+        return (f"{len(gpus)} workers on {len(set(gpus))} GPU(s) ({', '.join(shared)} would hold several): "
+                "NCCL needs one GPU per worker; use --num-workers <= the GPUs visible, one cuda device per worker")
+    return None
+
+
 @dataclass
 class _World:
     """Book of the world's re-formation."""
@@ -87,6 +116,7 @@ class _World:
 class MultiprocExecutor(Executor):
     start_timeout_s = 600.0  # loading a large model from disk can take minutes
     join_timeout_s = 60.0
+    join_grace_s = 10.0  # past the workers' own rendezvous timeout, a rank is stuck
     stop_timeout_s = 10.0
     restart_backoff_s = 2.0  # doubled after each failed attempt to start a replacement
 
@@ -97,6 +127,10 @@ class MultiprocExecutor(Executor):
         self._num_workers = parallel.num_workers or default_num_workers(config.model.device)
         if self._num_workers < 1:
             raise ValueError("num_workers must be >= 1")
+        devices = [rank_device(config.model.device, rank) for rank in range(self._num_workers)]
+        layout_error = gpu_layout_error(devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if layout_error is not None:
+            raise DeviceLayoutError(layout_error)
         self._threads = parallel.worker_threads or (1 if self._num_workers > 1 else None)
         self._worker_hook = worker_hook
         self._ring_capacity = ring_capacity
@@ -104,7 +138,7 @@ class MultiprocExecutor(Executor):
         self._restarting: dict[int, asyncio.Task[None]] = {}
         self._returning: set[int] = set()  # replaced ranks that come back once the world is formed
         self._inflight: dict[int, set[int]] = {}  # task id -> ranks that owe a result
-        self._multi_inflight: set[int] = set()
+        self._multi_inflight: dict[int, tuple[int, ...]] = {}  # multi-rank task id -> its members
         self._held: list[Task] = []
         self._world = _World()
         # GPU workers' collectives run over NCCL; CPU workers' over shared-memory channels,
@@ -196,7 +230,7 @@ class MultiprocExecutor(Executor):
             return
         self._inflight[task.task_id] = set(members)
         if len(task.members) > 1:
-            self._multi_inflight.add(task.task_id)
+            self._multi_inflight[task.task_id] = task.members
         self._broadcast(task, members)
 
     def free(self, rank: int, request_ids: list[str]) -> None:
@@ -248,6 +282,8 @@ class MultiprocExecutor(Executor):
             handle.kill()
         elif isinstance(message, (Joined, JoinFailed)):
             self._join_answered(handle.rank, message)
+        elif isinstance(message, Leaving):
+            handle.leaving = message.reason  # its exit follows
 
     def _task_answered(self, task_id: int, rank: int) -> None:
         owed = self._inflight.get(task_id)
@@ -256,7 +292,7 @@ class MultiprocExecutor(Executor):
         owed.discard(rank)
         if not owed:
             del self._inflight[task_id]
-            self._multi_inflight.discard(task_id)
+            self._multi_inflight.pop(task_id, None)
             self._maybe_form_world()
 
     # ----- the world -----------------------------------------------------------------
@@ -277,6 +313,19 @@ class MultiprocExecutor(Executor):
             self._channels = ChannelsOwner(self._num_workers)
         spec = self._channels.spec if self._channels is not None else None
         self._broadcast(JoinWorld(world.epoch, self._num_workers, spec), sorted(world.joining))
+        self._loop.call_later(self.join_timeout_s + self.join_grace_s, self._join_overdue, world.epoch)
+
+    def _join_overdue(self, epoch: int) -> None:
+        """Kill the ranks that still owe an answer for ``epoch``: they are stuck."""
+        world = self._world
+        if self._closing or world.epoch != epoch:
+            return
+        for rank in sorted(world.joining):
+            handle = self._handles[rank]
+            if handle is not None and handle.alive:
+                logger.error("worker %d did not join world epoch %d within %.0f s; killing it", rank, epoch,
+                             self.join_timeout_s + self.join_grace_s)
+                handle.kill()
 
     def _join_answered(self, rank: int, message: Joined | JoinFailed) -> None:
         world = self._world
@@ -329,6 +378,8 @@ class MultiprocExecutor(Executor):
             return
         reason = handle.exit_reason
         logger.error("%s", reason)
+        if self._on_gpu:
+            self._kill_stranded_peers(rank)
         for task_id in list(self._inflight):
             self._task_answered(task_id, rank)
         for command_id in list(self._lora_waits):
@@ -352,6 +403,19 @@ class MultiprocExecutor(Executor):
             self._on_failure(rank, f"{reason} while running this request")
         if rank not in self._restarting or self._restarting[rank].done():
             self._restarting[rank] = self._loop.create_task(self._restart(rank))
+
+    def _kill_stranded_peers(self, rank: int) -> None:
+        """On NCCL: kill the members of ``rank``'s running multi-rank tasks that still owe a
+        result (see the module docstring)."""
+        for task_id, members in list(self._multi_inflight.items()):
+            if rank not in members:
+                continue
+            for peer in sorted(self._inflight.get(task_id, ())):
+                handle = self._handles[peer]
+                if peer != rank and handle is not None and handle.alive:
+                    logger.error("killing worker %d: its NCCL task %d waits on worker %d, which is gone",
+                                 peer, task_id, rank)
+                    handle.kill()
 
     async def _restart(self, rank: int) -> None:
         last = ""

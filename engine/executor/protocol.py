@@ -11,6 +11,7 @@ nothing is pickled. The life of a worker process::
     Task / FreeRequests ... ---------------->  run / drop state
                        <---------------------  TaskResult ...
     JoinWorld(epoch+1) --------------------->  (after a peer was replaced) leave, join again
+                       <---------------------  Leaving(reason), exit 75   (a task left it unfit)
     Shutdown           --------------------->  leave the world, exit 0
 """
 
@@ -25,6 +26,10 @@ from engine.distributed.shm_channels import WorldSpec
 from engine.messages import FreeRequests, LoraAnswer, LoraCommand, ModelInfo, Task, TaskResult
 
 _WIRE = {"array_like": True, "omit_defaults": True, "gc": False, "tag": True}
+
+# A worker's exit status when a task left it unfit to go on (a sticky CUDA error, or a
+# failed multi-rank task whose collectives may be out of step); see worker_main.py.
+EXIT_REPLACE_ME = 75
 
 
 class WorkerSpec(msgspec.Struct, kw_only=True):
@@ -90,6 +95,12 @@ class StartFailed(msgspec.Struct, **_WIRE):
     message: str
 
 
+class Leaving(msgspec.Struct, **_WIRE):
+    """The worker exits (EXIT_REPLACE_ME) instead of answering its task; ``reason`` says why."""
+
+    reason: str
+
+
 class Joined(msgspec.Struct, **_WIRE):
     epoch: int
 
@@ -100,7 +111,7 @@ class JoinFailed(msgspec.Struct, **_WIRE):
 
 
 ToWorker = Union[Task, FreeRequests, LoraCommand, JoinWorld, Shutdown]  # noqa: UP007 - a runtime type for msgspec
-FromWorker = Union[TaskResult, LoraAnswer, Ready, StartFailed, Joined, JoinFailed]  # noqa: UP007
+FromWorker = Union[TaskResult, LoraAnswer, Ready, StartFailed, Joined, JoinFailed, Leaving]  # noqa: UP007
 
 encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

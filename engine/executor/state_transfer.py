@@ -6,6 +6,11 @@ scalars inline; lists and dicts of those recursively. The request's diffusers sc
 travels as its instance attributes (step index, past model outputs of multistep
 solvers, sigmas ...) applied onto a fresh scheduler of the same config, and its
 generator as its state, so a moved request continues exactly where it stopped.
+
+Between GPUs (``pack_parts`` with the device) the tensors already on that device stay
+out of the bytes: the header lists them (``direct``: dtype and shape, in order) and they
+cross NCCL as they are, with no copy through the host; the rest (the generator's state,
+host-side scheduler values) stays inline, so the header remains small.
 """
 
 from __future__ import annotations
@@ -27,12 +32,17 @@ _SCHEDULER_SKIP = {"_internal_dict"}
 
 
 class _Packer:
-    def __init__(self) -> None:
+    def __init__(self, direct_device: torch.device | None = None) -> None:
+        self.direct_device = direct_device
         self.chunks: list[bytes] = []
         self.offset = 0
+        self.direct: list[torch.Tensor] = []
 
     def encode(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
+            if self.direct_device is not None and value.device == self.direct_device:
+                self.direct.append(value.detach().contiguous())
+                return {"x": len(self.direct) - 1, "d": str(value.device)}
             data = value.detach().to("cpu").contiguous()
             raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
             ref = {"t": str(data.dtype).removeprefix("torch."), "s": list(data.shape), "o": self.offset,
@@ -49,7 +59,9 @@ class _Packer:
         raise TypeError(f"cannot move a value of type {type(value).__name__}")
 
 
-def _decode(ref: dict, payload: memoryview, device: torch.device) -> Any:
+def _decode(ref: dict, payload: memoryview, device: torch.device, direct: list[torch.Tensor]) -> Any:
+    if "x" in ref:
+        return direct[ref["x"]]
     if "t" in ref:
         dtype = _DTYPES[ref["t"]]
         count = 1
@@ -61,15 +73,22 @@ def _decode(ref: dict, payload: memoryview, device: torch.device) -> Any:
         tensor = flat.view(dtype).reshape(ref["s"])
         return tensor.to(device if ref["d"] != "cpu" else "cpu")
     if "l" in ref:
-        items = [_decode(r, payload, device) for r in ref["l"]]
+        items = [_decode(r, payload, device, direct) for r in ref["l"]]
         return tuple(items) if ref["tuple"] else items
     if "m" in ref:
-        return {k: _decode(r, payload, device) for k, r in ref["m"].items()}
+        return {k: _decode(r, payload, device, direct) for k, r in ref["m"].items()}
     return ref["v"]
 
 
 def pack_state(state: RequestState) -> bytes:
-    packer = _Packer()
+    """The whole state as bytes (the shared-memory path)."""
+    return pack_parts(state)[0]
+
+
+def pack_parts(state: RequestState, direct_device: torch.device | None = None) -> tuple[bytes, list[torch.Tensor]]:
+    """The state's header and inline bytes, and its tensors on ``direct_device`` (none when
+    None), which travel on their own, in the header's ``direct`` order."""
+    packer = _Packer(direct_device)
     scheduler = {k: v for k, v in vars(state.scheduler).items() if k not in _SCHEDULER_SKIP}
     header = {
         "request_id": state.request_id,
@@ -82,19 +101,32 @@ def pack_state(state: RequestState) -> bytes:
         "extra": packer.encode(state.extra),
         "generator": packer.encode(state.generator.get_state()),
         "scheduler": packer.encode(scheduler),
+        "direct": [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in packer.direct],
     }
     encoded = msgspec.msgpack.encode(header)
-    return b"".join([struct.pack("<I", len(encoded)), encoded, *packer.chunks])
+    return b"".join([struct.pack("<I", len(encoded)), encoded, *packer.chunks]), packer.direct
 
 
-def unpack_state(data: bytes, adapter: DiTAdapter) -> RequestState:
+def direct_specs(data: bytes) -> list[tuple[list[int], torch.dtype]]:
+    """Shapes and dtypes of the tensors that travel beside the bytes ``data``, in order."""
+    header, _ = _header(data)
+    return [(shape, _DTYPES[dtype]) for dtype, shape in header["direct"]]
+
+
+def _header(data: bytes) -> tuple[dict, memoryview]:
     (length,) = struct.unpack_from("<I", data)
-    header = msgspec.msgpack.decode(data[4:4 + length])
-    payload = memoryview(data)[4 + length:]
+    return msgspec.msgpack.decode(data[4:4 + length]), memoryview(data)[4 + length:]
+
+
+def unpack_state(data: bytes, adapter: DiTAdapter, direct: list[torch.Tensor] | None = None) -> RequestState:
+    header, payload = _header(data)
     device = adapter.device
+    tensors = direct or []
+    if len(tensors) != len(header["direct"]):
+        raise ValueError(f"state {header['request_id']} needs {len(header['direct'])} tensors, got {len(tensors)}")
 
     def get(key: str) -> Any:
-        return _decode(header[key], payload, device)
+        return _decode(header[key], payload, device, tensors)
 
     params = msgspec.convert(header["params"], ImageParams)
     generator = torch.Generator(device="cpu")

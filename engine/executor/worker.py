@@ -9,6 +9,16 @@ peer). Then every member encodes (identical states everywhere), or denoises with
 attention over the group (every member ends with the full latents), or, for decode, the
 leader ``group[0]`` decodes while the others drop their copies. Only the leader reports
 items; a member that only sent state answers with an empty result.
+
+A task's time is taken after the device has finished its work (``DeviceOps.synchronize``).
+
+Two failures leave a worker that must not run another task, and set ``fatal``: a sticky
+CUDA error (every later kernel fails the same way), and a failed task with more than one
+member or with migrations, whose collectives may now be out of step with the peers' (a
+transfer left half done makes the next one hang or swap data). The process then leaves
+and the engine replaces it and forms a new world (engine/executor/worker_main.py). The
+one exception: on the CPU's shared-memory channels a member whose peer died stays, since
+the world is formed anew (with fresh channels) before any multi-rank task runs again.
 """
 
 from __future__ import annotations
@@ -21,11 +31,14 @@ import numpy as np
 import torch
 
 from engine.distributed.group_free import Collectives
+from engine.distributed.shm_channels import PeerDiedError
 from engine.distributed.ulysses import SequenceParallel, install
+from engine.executor.device_ops import DeviceOps, device_ops, is_sticky_cuda_error
 from engine.executor.migration import run_migrations
 from engine.image_codec import encode_image
 from engine.messages import ItemResult, LoraAnswer, LoraCommand, Stage, Task, TaskResult
 from engine.models.base import ModelRunner, RequestState
+from engine.models.compile import CompileStats, compile_repeated_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +51,20 @@ def preview_steps(num_steps: int, partial_images: int) -> set[int]:
 
 class Worker:
     def __init__(self, rank: int, adapter: ModelRunner, comm: Collectives | None = None,
-                 attention_backend: str = "sdpa") -> None:
+                 attention_backend: str = "sdpa", ops: DeviceOps | None = None,
+                 compile: bool = False) -> None:
         self.rank = rank
         self.adapter = adapter
+        self.ops = ops or device_ops(adapter.device)
         self.states: dict[str, RequestState] = {}
         self.sp = SequenceParallel(comm, attention_backend)
+        # Why this worker must not run another task (see the module docstring); None: fine.
+        self.fatal: str | None = None
         if adapter.info().sequence_parallel:
             install(adapter.transformer, adapter.family, self.sp)
+        # Compiled blocks serve degree-1 steps; wider groups run them eagerly (compile.py).
+        self.compile_stats: CompileStats | None = (
+            compile_repeated_blocks(adapter.transformer, eager_when=lambda: self.sp.active) if compile else None)
 
     def set_collectives(self, comm: Collectives | None) -> None:
         """Join (or, with None, leave) the world's group-free collectives."""
@@ -52,10 +72,9 @@ class Worker:
 
     def execute(self, task: Task) -> TaskResult:
         start = time.perf_counter()
-        on_gpu = self.adapter.device.type == "cuda"
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats(self.adapter.device)
-        resident = torch.cuda.memory_allocated(self.adapter.device) if on_gpu else 0
+        ops = self.ops
+        ops.reset_peak()
+        resident = ops.allocated()
         try:
             run_migrations(task, self.rank, self.states, self.adapter, self.sp.comm)
             lead = task.group[0] == self.rank
@@ -73,18 +92,29 @@ class Worker:
                 items = []
             if not lead:
                 items = []
+            # Inside the try: an asynchronous CUDA error surfaces here, and belongs to this task.
+            ops.synchronize()
         except Exception as exc:  # noqa: BLE001 - a failing task must not take the worker down
             logger.error("rank %d: task %d (%s) failed:\n%s", self.rank, task.task_id, task.stage.name,
                          traceback.format_exc())
             self.free(task.request_ids)
+            self.fatal = self._fatal_reason(task, exc)
             return TaskResult(task.task_id, self.rank, error=f"{type(exc).__name__}: {exc}",
                               elapsed_s=time.perf_counter() - start)
-        peak = cached = 0
-        if on_gpu:
-            peak = torch.cuda.max_memory_allocated(self.adapter.device)
-            cached = torch.cuda.memory_reserved(self.adapter.device) - torch.cuda.memory_allocated(self.adapter.device)
-        return TaskResult(task.task_id, self.rank, items, elapsed_s=time.perf_counter() - start,
-                          peak_memory_bytes=peak, start_memory_bytes=resident, cached_memory_bytes=max(cached, 0))
+        elapsed = time.perf_counter() - start
+        allocated = ops.allocated()
+        return TaskResult(task.task_id, self.rank, items, elapsed_s=elapsed, peak_memory_bytes=ops.peak(),
+                          start_memory_bytes=resident, cached_memory_bytes=max(ops.reserved() - allocated, 0))
+
+    def _fatal_reason(self, task: Task, exc: Exception) -> str | None:
+        if is_sticky_cuda_error(exc):
+            return f"a CUDA error leaves its device unusable: {exc}"
+        if len(task.members) > 1 or task.migrations:
+            comm = self.sp.comm
+            if isinstance(exc, PeerDiedError) and comm is not None and comm.renewed_with_world:
+                return None
+            return f"task {task.task_id} failed on {len(task.members)} ranks; its collectives may be out of step"
+        return None
 
     def lora(self, command: LoraCommand) -> LoraAnswer:
         """Load or unload an adapter; a bad file is answered, never raised."""

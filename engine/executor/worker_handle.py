@@ -27,7 +27,13 @@ from collections.abc import Callable
 
 import msgspec
 
-from engine.executor.protocol import FromWorker, WorkerSpec, encode_spec, from_worker_decoder
+from engine.executor.protocol import (
+    EXIT_REPLACE_ME,
+    FromWorker,
+    WorkerSpec,
+    encode_spec,
+    from_worker_decoder,
+)
 from engine.executor.shm_queue import RingReader, RingWriter, ShmRing, frame_size
 from engine.messages import ModelInfo
 
@@ -38,6 +44,10 @@ class WorkerStartError(RuntimeError):
     """A worker process could not load the model or join the world."""
 
 
+class DeviceLayoutError(WorkerStartError):
+    """The workers' devices cannot form a world (refused before any worker starts)."""
+
+
 def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "is still running"
@@ -46,6 +56,8 @@ def describe_exit(returncode: int | None) -> str:
             return f"was killed by {signal.Signals(-returncode).name}"
         except ValueError:
             return f"was killed by signal {-returncode}"
+    if returncode == EXIT_REPLACE_ME:
+        return "left to be replaced (a CUDA error or a failed multi-rank task; see its log)"
     return f"exited with code {returncode}"
 
 
@@ -67,6 +79,7 @@ class WorkerHandle:
                  on_exit: Callable[[WorkerHandle], None]) -> None:
         self.rank = spec.rank
         self.serving = False  # joined the world at least once; the scheduler may use it
+        self.leaving: str | None = None  # why the worker said it leaves (protocol.Leaving)
         self._loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[ModelInfo] = self._loop.create_future()
         self.exited: asyncio.Future[int] = self._loop.create_future()
@@ -165,4 +178,6 @@ class WorkerHandle:
 
     @property
     def exit_reason(self) -> str:
+        if self.leaving is not None and self.process.returncode == EXIT_REPLACE_ME:
+            return f"worker {self.rank} (pid {self.pid}) left to be replaced: {self.leaving}"
         return f"worker {self.rank} (pid {self.pid}) {describe_exit(self.process.returncode)}"

@@ -8,6 +8,12 @@ executor uses, and answers on its result ring. It blocks on an eventfd while idl
 It outlives neither the engine (a thread watches a pipe whose write end only the engine
 holds and exits the process on EOF) nor a Ctrl-C of the engine: it ignores SIGINT, which a
 terminal sends to the whole process group, and leaves when the engine says so or dies.
+
+A worker whose task left it unfit to go on (``Worker.fatal``: a sticky CUDA error, or a
+failed multi-rank task whose collectives may be out of step) says why (``Leaving``)
+instead of answering that task, aborts its process group and exits with
+``EXIT_REPLACE_ME``; the engine replaces it and forms a new world, as after any other
+death, and the task's requests start over.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import sys
 import threading
 
 from engine.executor.protocol import (
+    EXIT_REPLACE_ME,
     FromWorker,
     Joined,
     JoinFailed,
     JoinWorld,
+    Leaving,
     Ready,
     Shutdown,
     StartFailed,
@@ -83,7 +91,7 @@ def load_worker(spec: WorkerSpec):
 
     adapter = load_adapter(spec.model.model, spec.device, spec.model.dtype, spec.model.backend)
     backend = resolve_attention_backend(spec.model.attention_backend, adapter.device)
-    worker = Worker(spec.rank, adapter, attention_backend=backend)
+    worker = Worker(spec.rank, adapter, attention_backend=backend, compile=spec.model.compile)
     for index, (name, path) in enumerate(spec.loras):
         answer = worker.lora(LoraCommand(index, name, path))
         if answer.error:
@@ -110,7 +118,15 @@ def serve(spec: WorkerSpec, channel: Channel) -> int:
     while True:
         for message in channel.receive():
             if isinstance(message, Task):
-                channel.send(worker.execute(message))
+                result = worker.execute(message)
+                if worker.fatal is not None:
+                    # No result: the engine treats the task as lost with this worker, so its
+                    # requests start over (up to max_retries) on a sound one.
+                    logger.error("rank %d leaves to be replaced: %s", spec.rank, worker.fatal)
+                    channel.send(Leaving(worker.fatal))
+                    world.leave(abort=True)
+                    return EXIT_REPLACE_ME
+                channel.send(result)
             elif isinstance(message, LoraCommand):
                 channel.send(worker.lora(message))
             elif isinstance(message, FreeRequests):

@@ -69,6 +69,21 @@ def load_pipeline(model: str, dtype: torch.dtype) -> DiffusionPipeline:
     return pipe
 
 
+def place_vae(pipe: DiffusionPipeline, dtype: torch.dtype) -> None:
+    """Keep a VAE that overflows in float16 in float32 (its config says ``force_upcast``,
+    as the SDXL VAE that PixArt-Sigma ships does), as diffusers' SDXL pipelines decode;
+    the adapters cast latents to the VAE's dtype. Kept there for good rather than moved
+    per decode: the VAE is small beside the transformer."""
+    vae = getattr(pipe, "vae", None)
+    if dtype != torch.float16 or vae is None:
+        return
+    if getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)
+        logger.info("the VAE decodes in float32 (its config sets force_upcast)")
+    if type(pipe).__name__.startswith("Flux"):
+        logger.warning("FLUX overflows in float16 (black or NaN images); use --dtype bfloat16")
+
+
 def load_adapter(model: str, device: str = "auto", dtype: str = "auto", backend: str = "auto") -> ModelRunner:
     """Load a pipeline on the device in the dtype, every module in eval mode."""
     torch_device = resolve_device(device)
@@ -76,6 +91,8 @@ def load_adapter(model: str, device: str = "auto", dtype: str = "auto", backend:
     pipe = load_pipeline(model, torch_dtype)
     adapter_cls = adapter_for(pipe, backend)
     pipe.to(torch_device)
+    if adapter_cls is not PipelineFallback:  # a whole pipeline decodes its own way
+        place_vae(pipe, torch_dtype)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()

@@ -21,7 +21,10 @@ Rules (``InterferenceRules``):
   costs nothing but still marks the rank interfered. The cost model's step times are
   divided by the speed (policy.SchedulerView.speed).
 - A rank whose device has less than ``nearly_full`` (5 %) of its memory free is *nearly
-  full*: it gets no new requests (no new state), whatever else it could take.
+  full*: it gets no new requests (no new state), whatever else it could take. Free here
+  is the scheduler's headroom (``DeviceState.nearly_full_given``): what the device reports
+  free plus what the rank's caching allocator holds unused, since NVML counts PyTorch's
+  cache as used and one large batch would otherwise mark the rank full for ever.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class InterferenceRules:
 
 
 DEFAULT_RULES = InterferenceRules()
+DEFAULT_RULES_NEARLY_FULL = DEFAULT_RULES.nearly_full
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,19 @@ class DeviceState:
     interfered: frozenset[int] = frozenset()
     free_memory: Mapping[int, int] = field(default_factory=dict)  # bytes free on the rank's device
     total_memory: Mapping[int, int] = field(default_factory=dict)
-    nearly_full: frozenset[int] = frozenset()
+    nearly_full: frozenset[int] = frozenset()  # by the device's free memory alone
     foreign_processes: Mapping[int, int] = field(default_factory=dict)  # per rank
+    nearly_full_share: float = DEFAULT_RULES_NEARLY_FULL
 
     @property
     def known(self) -> bool:
         return bool(self.total_memory)
+
+    def nearly_full_given(self, headroom: Mapping[int, int]) -> frozenset[int]:
+        """The nearly full ranks once ``headroom`` (free plus the allocator's unused cache,
+        per rank) is counted as free."""
+        return frozenset(rank for rank in self.nearly_full
+                         if headroom.get(rank, 0) < self.nearly_full_share * self.total_memory.get(rank, 0))
 
 
 def device_state(snapshot: Snapshot, rank_devices: Mapping[int, int],
@@ -89,5 +100,6 @@ def device_state(snapshot: Snapshot, rank_devices: Mapping[int, int],
         foreign[rank] = len(pids)
         if pids:
             interfered.add(rank)
-            speed[rank] = rules.speed(snapshot.foreign_util.get(index, device.gpu_util))
-    return DeviceState(snapshot.time, speed, frozenset(interfered), free, total, frozenset(full), foreign)
+            speed[rank] = rules.speed(snapshot.foreign_util.get(index, device.gpu_util or 0.0))
+    return DeviceState(snapshot.time, speed, frozenset(interfered), free, total, frozenset(full), foreign,
+                       rules.nearly_full)

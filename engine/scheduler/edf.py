@@ -111,6 +111,9 @@ class EDFPolicy(Policy):
         if r.stage == Stage.ENCODE:
             if not any(self._may_encode(rnd, r, rank) for rank in rnd.free):
                 return  # no free device has room for its state, or time for it, yet
+            starved = view.starved_since(rnd.free)
+            if starved is not None and r.arrival_time > starved:
+                return  # an older request waits for memory: nothing newer overtakes it
             rank, batch = self._encode_share(rnd, r)
             rnd.take(Draft(Stage.ENCODE, batch, (rank,)))
         elif r.stage == Stage.DECODE:
@@ -183,9 +186,12 @@ class EDFPolicy(Policy):
         speed = {rank: view.speed((rank,)) for rank in free}
         images = dict.fromkeys(free, 0)
         shares: dict[int, list[Request]] = {rank: [] for rank in free}
+        starved = view.starved_since(free)
         for q in rnd.order:
             if q.stage != Stage.ENCODE or q.request_id in rnd.taken:
                 continue
+            if starved is not None and q.arrival_time > starved:
+                continue  # an older request waits for memory: nothing newer overtakes it
             accepting = [k for k in free if self._may_encode(rnd, q, k)]
             open_ranks = [k for k in accepting if not shares[k]
                           or images[k] + q.n <= view.batch_limit(Stage.ENCODE, q.key, (k,))]

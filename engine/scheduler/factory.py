@@ -31,7 +31,12 @@ def on_gpu(info: ModelInfo) -> bool:
 
 
 def default_max_batch_size(info: ModelInfo) -> int:
-    return 16 if on_gpu(info) else 8
+    return default_max_batch_size_on(info.device)
+
+
+def default_max_batch_size_on(device: str) -> int:
+    """The same, by the device a model will run on (``cuda...`` or ``cpu``), before it is loaded."""
+    return 16 if device.startswith("cuda") else 8
 
 
 def default_max_batch_tokens(info: ModelInfo) -> int | None:

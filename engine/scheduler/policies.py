@@ -26,8 +26,9 @@ class FCFSPolicy(Policy):
     always runs next, so no shape starves.
 
     With telemetry, batches are capped by memory (``SchedulerView.batch_limit``), new
-    requests skip ranks that cannot take their state (``accepts_new``), and a rank's load
-    counts as load / speed, so a device shared with a foreign job gets fewer of them.
+    requests skip ranks that cannot take their state (``accepts_new``) until they starve
+    (``starved_since``: then nothing newer is placed), and a rank's load counts as load /
+    speed, so a device shared with a foreign job gets fewer of them.
     """
 
     name = "fcfs"
@@ -68,7 +69,10 @@ class FCFSPolicy(Policy):
         load = {rank: view.load(rank) for rank in ranks}
         speed = {rank: view.speed((rank,)) for rank in ranks}
         encoded = dict.fromkeys(ranks, 0)
+        starved = view.starved_since(ranks)
         for request in sorted(view.waiting(), key=self.sort_key):
+            if starved is not None and request.arrival_time > starved:
+                continue  # an older request waits for memory: nothing newer overtakes it
             accepting = [r for r in ranks if view.accepts_new(r, request)]
             open_ranks = [r for r in accepting if not placed[r]
                           or encoded[r] + request.n <= view.batch_limit(Stage.ENCODE, request.key, (r,))]

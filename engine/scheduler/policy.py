@@ -61,6 +61,8 @@ class SchedulerView:
     headroom: dict[int, int] = field(default_factory=dict)
     # Predicts a task's activation memory (memory.py); None: no memory admission.
     memory: MemoryModel | None = None
+    # Seconds a new request may wait for memory while newer, smaller ones overtake it.
+    starvation_s: float = 60.0
     # False: a request's state cannot leave the ranks that hold it (plans moving it are dropped).
     state_transfer: bool = True
 
@@ -111,17 +113,31 @@ class SchedulerView:
         """Whether some request holds state or runs: its end frees device memory."""
         return bool(self.running) or any(r.location is not None for r in self.requests)
 
+    def starved_since(self, ranks: Iterable[int]) -> float | None:
+        """Arrival time of the oldest new request that has waited ``starvation_s`` or more
+        and whose state fits none of ``ranks`` while our requests hold memory; None if
+        there is none. A request too large for
+        any rank's headroom would otherwise wait for ever while a steady stream of small
+        ones keeps memory in use: policies place no new request that arrived after it, so
+        the running requests drain and it fits (or runs alone, see ``accepts_new``)."""
+        ranks = list(ranks)
+        times = [r.arrival_time for r in self.waiting()
+                 if self.now - r.arrival_time >= self.starvation_s
+                 and not any(self._fits_new(rank, r) for rank in ranks)]
+        return min(times, default=None)
+
     def accepts_new(self, rank: int, request: Request) -> bool:
         """Whether ``rank`` may take ``request``'s new state: not nearly full, and one denoise
         step of the request alone fits its headroom (when both are known). When none of
         our requests holds memory, waiting would free nothing: then every rank may."""
+        return self._fits_new(rank, request) or not self.memory_will_free
+
+    def _fits_new(self, rank: int, request: Request) -> bool:
         headroom = self.headroom.get(rank)
         need = None
         if headroom is not None and self.memory is not None:
             need = self.memory.activation_bytes(Stage.DENOISE, request.key, request.n, 1)
-        if rank not in self.nearly_full and (need is None or need <= headroom):  # type: ignore[operator]
-            return True
-        return not self.memory_will_free
+        return rank not in self.nearly_full and (need is None or need <= headroom)  # type: ignore[operator]
 
 
 def take_batch(candidates: Iterable[Request], key: BatchKey, max_images: int) -> list[Request]:

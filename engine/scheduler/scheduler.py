@@ -56,7 +56,7 @@ class Scheduler:
     def __init__(self, policy: Policy, num_workers: int, max_batch_size: int = 16,
                  steps_per_task: int = 1, max_retries: int = 1, degrees: tuple[int, ...] = (1,),
                  memory: MemoryModel | None = None, max_batch_tokens: int | None = None,
-                 state_transfer: bool = True) -> None:
+                 starvation_s: float = 60.0, state_transfer: bool = True) -> None:
         if num_workers < 1 or max_batch_size < 1 or steps_per_task < 1:
             raise ValueError("num_workers, max_batch_size and steps_per_task must be >= 1")
         self.policy = policy
@@ -65,6 +65,8 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.steps_per_task = steps_per_task
         self.max_retries = max_retries
+        # A new request held back this long for memory stops newer ones overtaking it.
+        self.starvation_s = starvation_s
         # False where a request's state cannot leave its worker (the whole-pipeline
         # fallback): plans that would move it are not started.
         self.state_transfer = state_transfer
@@ -127,13 +129,15 @@ class Scheduler:
                     (running if r.in_flight else idle).append(r)
             idle.sort(key=lambda r: r.arrival_time)
             devices = self.devices
+            headroom = self._headroom()
             view = SchedulerView(
                 now=now, free_workers=free, num_workers=self.num_workers,
                 max_batch_size=self.max_batch_size, steps_per_task=self.steps_per_task,
                 requests=idle, resident_images=self._resident_images(), last_stage=dict(self.last_stage),
                 degrees=self.degrees, running=running, rank_speed={**devices.rank_speed, **self.rank_speed},
-                interfered=devices.interfered, nearly_full=devices.nearly_full, headroom=self._headroom(),
-                memory=self.memory, max_batch_tokens=self.max_batch_tokens, state_transfer=self.state_transfer)
+                interfered=devices.interfered, nearly_full=devices.nearly_full_given(headroom), headroom=headroom,
+                memory=self.memory, max_batch_tokens=self.max_batch_tokens, starvation_s=self.starvation_s,
+                state_transfer=self.state_transfer)
             for plan in self.policy.plan(view):
                 if not self.state_transfer and self._moves_state(plan):
                     continue

@@ -10,7 +10,7 @@ import pytest
 
 from engine.device_monitor import DeviceMonitor
 from engine.nvml import NvmlSource, rank_ordinals, visible_entries
-from engine.telemetry import GiB, Telemetry, TelemetrySampler
+from engine.telemetry import GiB, Telemetry, TelemetrySampler, summary
 
 
 class NVMLError(Exception):
@@ -89,25 +89,91 @@ def test_our_workers_are_ours_and_the_rest_is_foreign(nvml):
     assert snapshot.foreign_util == {1: 70.0}  # the foreign process's own load, not the device's 90 %
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    (None, {0: 0, 1: 1, 2: 2}),
-    ("2,0", {0: 2, 1: 0, 2: 2}),  # three ranks on two visible GPUs: rank 2 shares cuda:0
-    ("GPU-1aaa", {0: 1, 1: 1, 2: 1}),  # a UUID prefix
-    ("GPU-2aaa-bbbb,GPU-0aaa-bbbb", {0: 2, 1: 0, 2: 2}),
-    ("MIG-1234,1", {1: 1}),  # MIG instances have no device-level figures
-    ("", {}),
-    ("-1", {}),
-    ("1,-1,2", {0: 1, 1: 1, 2: 1}),  # CUDA stops at the first invalid entry
+@pytest.mark.parametrize(("env", "ranks", "expected"), [
+    (None, 3, {0: 0, 1: 1, 2: 2}),
+    ("2,0", 2, {0: 2, 1: 0}),
+    ("GPU-1aaa", 1, {0: 1}),  # a UUID prefix
+    ("GPU-2aaa-bbbb,GPU-0aaa-bbbb", 2, {0: 2, 1: 0}),
+    ("MIG-1234", 1, {}),  # MIG instances have no device-level figures
+    ("", 3, {}),
+    ("-1", 3, {}),
+    ("1,-1,2", 1, {0: 1}),  # CUDA stops at the first invalid entry
 ])
-def test_rank_r_on_cuda_r_maps_through_cuda_visible_devices(nvml, env, expected):
-    assert NvmlSource().rank_devices("auto", 3, env=env) == expected
+def test_rank_r_on_cuda_r_maps_through_cuda_visible_devices(nvml, env, ranks, expected):
+    """One GPU per rank: the executor refuses layouts where ranks share one (test_gpu_layout)."""
+    assert NvmlSource().rank_devices("auto", ranks, env=env) == expected
 
 
 def test_the_device_option_decides_the_ordinals():
-    assert rank_ordinals("cuda", 4, 2) == {0: 0, 1: 1, 2: 0, 3: 1}
-    assert rank_ordinals("cuda:1", 2, 2) == {0: 1, 1: 1}
-    assert rank_ordinals("cuda:3", 2, 2) == {} and rank_ordinals("cpu", 2, 2) == {}
+    assert rank_ordinals("cuda", 2, 2) == {0: 0, 1: 1}
+    assert rank_ordinals("cuda:1", 1, 2) == {0: 1}
+    assert rank_ordinals("cuda:3", 1, 2) == {} and rank_ordinals("cpu", 2, 2) == {}
     assert visible_entries(None) is None and visible_entries(" 0, 1 ") == ["0", "1"]
+
+
+def test_a_mig_instance_without_utilisation_keeps_its_other_readings(nvml):
+    def utilisation(handle):
+        if handle.name == b"MIG":
+            raise NVMLError("Not Supported")
+        return NS(gpu=90, memory=35)
+
+    nvml.nvmlDeviceGetHandleByIndex(1).name = b"MIG"
+    nvml.nvmlDeviceGetUtilizationRates = utilisation
+    source = NvmlSource()
+    snapshot = Telemetry(source, our_pids=lambda: [10, 11, 12]).sample(0.0)
+    d = snapshot.devices[1]
+    assert d.gpu_util is None and d.memory_util is None
+    assert (d.memory_used, d.power_w, d.sm_clock_mhz, d.processes[77]) == (23 * GiB, 450.5, 1980, 20 * GiB)
+    assert snapshot.foreign_util == {1: 70.0} and snapshot.devices[0].gpu_util == 90.0
+    assert "1 MIG 140.0 GiB (23.0 used, util n/a, 1 foreign)" in summary(snapshot)
+
+
+def test_a_device_without_a_handle_is_left_out_and_the_others_read(nvml):
+    def handle(i):
+        if i == 1:
+            raise NVMLError("Unknown Error")
+        return real(i)
+
+    real = nvml.nvmlDeviceGetHandleByIndex
+    nvml.nvmlDeviceGetHandleByIndex = handle
+    source = NvmlSource()
+    assert [d.index for d in source.read(0.0)] == [0, 2]
+    assert source.rank_devices("auto", 2, env="2,1") == {0: 2, 1: 1}  # rank 1 then has no figures
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: (_ for _ in ()).throw(NVMLError("Unknown Error"))
+    sampler = TelemetrySampler.from_nvml(our_pids=lambda: [])
+    assert not sampler.available and "no handle" in sampler.reason
+
+
+async def test_nvml_failing_in_any_way_never_fails_the_engine_start(nvml):
+    def count():
+        raise OSError("driver/library version mismatch")
+
+    nvml.nvmlDeviceGetCount = count
+    monitor = DeviceMonitor(0.01)
+    await monitor.start(device="auto", model_device="cuda:0", num_ranks=2, our_pids=list, on_sample=lambda: None)
+    assert monitor.state().known is False and "version mismatch" in monitor.summary()
+
+
+async def test_a_failed_start_after_the_workers_started_stops_them():
+    from engine import AsyncEngine, EngineConfig
+    from tests.engine.test_profiler import Clock, FakeExecutor
+
+    class BrokenMonitor(DeviceMonitor):
+        async def start(self, **kwargs):
+            raise RuntimeError("monitor broke")
+
+    executor = FakeExecutor(2, Clock())
+    stopped = []
+
+    async def shutdown():
+        stopped.append(True)
+
+    executor.shutdown = shutdown
+    engine = AsyncEngine(EngineConfig.create(device="cpu"), executor)
+    engine.devices = BrokenMonitor(0.01)
+    with pytest.raises(RuntimeError, match="monitor broke"):
+        await engine.start()
+    assert stopped and not engine.is_running
 
 
 def test_a_failing_init_gives_a_sampler_without_devices(monkeypatch):

@@ -186,3 +186,53 @@ async def test_failed_joins_are_retried_then_the_executor_gives_up(fail_joins):
         h.join(0, fail_joins + 1)
         h.join(1, fail_joins + 1)
         assert ex.healthy and h.restarts == [1]
+
+
+async def test_on_nccl_the_peers_of_a_dead_rank_in_its_task_are_killed_not_left_waiting():
+    h = Harness(3)
+    ex = h.executor
+    ex._on_gpu = True  # the world's collectives run over NCCL
+    ex.submit(task(1, 0, 1))
+    ex.submit(task(2, 2))
+    peer, bystander = h.handle(0), h.handle(2)
+    h.handle(1).kill()
+    # Rank 0 waits in NCCL transfers with rank 1: only the watchdog would end them.
+    assert not peer.alive and bystander.alive
+    assert {rank for rank, _ in h.failures} == {0, 1}
+    await settle()
+    for rank in (0, 1):
+        h.handle(rank).ready.set_result(INFO)
+    await settle()
+    h.answer(2, 2)
+    assert [hd.joins()[-1] for hd in ex._handles] == [1, 1, 1]
+    for rank in range(3):
+        h.join(rank, 1)
+    assert sorted(h.restarts) == [0, 1] and ex.healthy
+
+
+async def test_on_cpu_the_peers_of_a_dead_rank_stay_they_see_the_death_themselves():
+    h = Harness(2)
+    h.executor.submit(task(1, 0, 1))
+    h.handle(1).kill()
+    assert h.handle(0).alive and h.failures == [(1, "worker was killed by SIGKILL while running this request")]
+
+
+async def test_a_rank_that_never_answers_join_world_is_killed_and_the_world_moves_on():
+    h = Harness(2)
+    ex = h.executor
+    ex.join_timeout_s, ex.join_grace_s = 0.05, 0.0
+    h.handle(1).kill()
+    await settle()
+    h.handle(1).ready.set_result(INFO)
+    await settle()
+    stuck = h.handle(0)
+    h.join(1, 1)  # rank 0 never answers epoch 1 (stuck leaving a world whose peer died)
+    await asyncio.sleep(0.2)
+    assert not stuck.alive
+    await settle()
+    h.handle(0).ready.set_result(INFO)
+    await settle()
+    assert [hd.joins()[-1] for hd in ex._handles] == [2, 2]
+    h.join(0, 2)
+    h.join(1, 2)
+    assert sorted(h.restarts) == [0, 1] and ex.healthy and ex.world_epoch == 2
