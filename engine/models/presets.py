@@ -1,7 +1,8 @@
 """Built-in model presets: real diffusers pipelines with random weights, built in code.
 
 They let gfdit run, test and benchmark with no model download. Each preset is a genuine
-``PixArtSigmaPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` whose modules
+``PixArtSigmaPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` /
+``QwenImagePipeline`` / ``ZImagePipeline`` (``presets_qwen.py``) whose modules
 are tiny (a few layers) and seeded, so every build gives the same weights, and whose
 tokenizers are built in memory. ``small-pixart`` (~30M parameters) is sized so that on a
 CPU the transformer, not Python, dominates a step.
@@ -9,6 +10,7 @@ CPU the transformer, not Python, dominates a step.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -209,11 +211,20 @@ def build_tiny_flux() -> FluxPipeline:
     )
 
 
+def _builder(module: str, name: str) -> Callable[[], DiffusionPipeline]:
+    """A builder imported when called (families in modules of their own import their classes then)."""
+    return lambda: getattr(importlib.import_module(module), name)()
+
+
 PRESETS: dict[str, PresetSpec] = {
     "tiny-pixart": PresetSpec(build_tiny_pixart, 256, 20, "PixArt-Sigma, 2 layers, random weights"),
     "small-pixart": PresetSpec(build_small_pixart, 512, 20, "PixArt-Sigma, 12 layers x 384 (~30M), random weights"),
     "tiny-sd3": PresetSpec(build_tiny_sd3, 256, 28, "Stable Diffusion 3, 2 layers, random weights"),
     "tiny-flux": PresetSpec(build_tiny_flux, 256, 28, "FLUX, 1+1 layers, random weights"),
+    "tiny-qwen-image": PresetSpec(_builder("engine.models.presets_qwen", "build_tiny_qwen_image"), 256, 20,
+                                  "Qwen-Image, 2 layers, Qwen2.5-VL text encoder, random weights"),
+    "tiny-z-image": PresetSpec(_builder("engine.models.presets_qwen", "build_tiny_z_image"), 256, 20,
+                               "Z-Image, 1+2 layers, Qwen3 text encoder, random weights"),
 }
 
 
