@@ -53,7 +53,7 @@ from benchmarks.common import print_table, write_json  # noqa: E402
 from engine.executor.protocol import encoder, from_worker_decoder  # noqa: E402
 from engine.executor.shm_queue import RingReader, RingWriter, ShmRing  # noqa: E402
 from engine.messages import ImageData, ItemResult, TaskResult  # noqa: E402
-from engine.request import ImageParams  # noqa: E402
+from engine.params import ImageParams  # noqa: E402
 
 MiB = 1 << 20
 

@@ -66,7 +66,7 @@ def _regroup(rank: int, comm, trials: int) -> tuple[float, float]:
 def _step_times(rank: int, comm, model: str, size: int, steps: int) -> tuple[float, float]:
     from engine.distributed.ulysses import SequenceParallel, install
     from engine.models.loader import load_adapter
-    from engine.request import ImageParams, Limits
+    from engine.params import ImageParams, Limits
 
     adapter = load_adapter(model, device="cpu")
     sp = SequenceParallel(comm)

@@ -30,18 +30,9 @@ from engine.outputs import (
     RequestMetrics,
     RequestOutput,
 )
-from engine.request import (
-    ImageParams,
-    InvalidParamsError,
-    Request,
-    RequestStatus,
-    ShapeKey,
-    check_prompt,
-)
-from engine.scheduler.cost_model import CostModel
-from engine.scheduler.memory import MemoryModel
-from engine.scheduler.policies import make_policy
-from engine.scheduler.profile import shipped_profile_for
+from engine.params import ImageParams, InvalidParamsError, check_prompt
+from engine.request import Request, RequestStatus
+from engine.scheduler.factory import load_cost_model, make_scheduler
 from engine.scheduler.scheduler import RequestUpdate, Scheduler, UpdateKind
 from engine.stats import EngineObserver, RequestStats, TaskStats
 from engine.telemetry import Source
@@ -54,41 +45,6 @@ _ENDS = (UpdateKind.FINISHED, UpdateKind.FAILED, UpdateKind.ABORTED)
 
 class EngineDeadError(RuntimeError):
     """The engine cannot serve (not started, shut down, or its workers are gone)."""
-
-
-def _on_gpu(device: str) -> bool:
-    return device.startswith("cuda") or (device == "auto" and _cuda_available())
-
-
-def default_max_batch_size(device: str) -> int:
-    return 16 if _on_gpu(device) else 8
-
-
-def default_max_batch_tokens(device: str) -> int | None:
-    """On a CPU, past about 2048 token rows per batch the matrix products already keep the
-    cores busy and a bigger batch only adds cache misses: small-pixart at 512x512 (2048
-    rows x tokens per image) ran 0.91-0.96x the speed of one request at a time when four
-    were batched, while 256x256 images still gain 15 % per image up to batch 4."""
-    return None if _on_gpu(device) else 2048
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def load_cost_model(profile: str | None, info: ModelInfo) -> CostModel | None:
-    """The profile asked for, else the shipped one measured on this model, else None."""
-    name = profile or shipped_profile_for(info.name)
-    if name is None:
-        return None
-    cost_model = CostModel.load(name)
-    if cost_model.size_multiple != info.size_multiple:
-        logger.warning("profile %s was measured with %d pixels per token side, model %s has %d",
-                       name, cost_model.size_multiple, info.name, info.size_multiple)
-    logger.info("cost model: profile %s (%s on %s)", name, cost_model.profile.model, cost_model.profile.device)
-    return cost_model
 
 
 def make_executor(config: EngineConfig) -> Executor:
@@ -150,6 +106,10 @@ class AsyncEngine:
             await self.executor.shutdown()
             raise
         self.model_info = info
+        if info.backend == "pipeline":
+            logger.warning("model %s runs through the whole-pipeline fallback (no native adapter, or "
+                           "--backend diffusers): one request per pipeline call, no step batching, no sequence "
+                           "parallelism", info.name)
         await self.devices.start(device=self.config.model.device, model_device=info.device,
                                  num_ranks=self.executor.num_workers, our_pids=self._our_pids,
                                  on_sample=self._on_telemetry)
@@ -162,16 +122,8 @@ class AsyncEngine:
 
     def _make_scheduler(self, info: ModelInfo) -> Scheduler:
         sched = self.config.scheduler
-        workers = self.executor.num_workers
-        # Ulysses attention splits heads across the group, so a degree must divide them.
-        degrees = tuple(d for d in range(1, workers + 1) if info.num_heads % d == 0)
-        options = {"static_degree": sched.static_degree} if sched.policy == "static" else {}
-        policy = make_policy(sched.policy, cost_model=load_cost_model(sched.profile, info), **options)
-        return Scheduler(policy, workers,
-                         max_batch_size=sched.max_batch_size or default_max_batch_size(self.config.model.device),
-                         steps_per_task=sched.steps_per_task, max_retries=sched.max_retries, degrees=degrees,
-                         memory=MemoryModel(info.size_multiple),
-                         max_batch_tokens=sched.max_batch_tokens or default_max_batch_tokens(self.config.model.device))
+        return make_scheduler(info, sched, self.executor.num_workers,
+                              cost_model=load_cost_model(sched.profile, info))
 
     # ----- public API --------------------------------------------------------------
     @property
@@ -203,9 +155,8 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidParamsError(f"request id {request_id!r} is already in use", "request_id")
-        info = self.model_info
-        shape = ShapeKey(params.width, params.height, info.uses_cfg and params.guidance_scale > 1.0)
-        request = Request(request_id, prompt, params, shape, time.monotonic())
+        key = self.model_info.batch_key(params, request_id)  # type: ignore[union-attr]
+        request = Request(request_id, prompt, params, key, time.monotonic())
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         self._idle.clear()

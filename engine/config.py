@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.request import Limits
+from engine.params import Limits
 
 # The built-in preset used when no model is named (see engine/models/presets.py).
 DEFAULT_MODEL = "tiny-pixart"
@@ -28,6 +28,8 @@ class ModelConfig:
     """auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
     attention_backend: str = "auto"
     """auto, sdpa or xformers (xformers only where CUDA and a matching build exist)."""
+    backend: str = "auto"
+    """auto (a native adapter where the family has one, else the whole diffusers pipeline per request) or diffusers (always the whole pipeline: no step batching, no sequence parallelism)."""
 
 
 @dataclass(frozen=True)

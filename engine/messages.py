@@ -12,31 +12,13 @@ import enum
 
 import msgspec
 
-from engine.request import ImageParams
+from engine.model_info import ModelInfo
+from engine.params import ImageParams
+
+__all__ = ["FreeRequests", "ImageData", "ItemResult", "Migration", "ModelInfo", "NewRequest", "Stage", "Task",
+           "TaskResult"]
 
 _WIRE = {"array_like": True, "omit_defaults": True, "gc": False}
-
-
-class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """What the engine needs to know of the loaded model to validate and schedule."""
-
-    name: str
-    family: str
-    default_width: int
-    default_height: int
-    default_steps: int
-    default_guidance: float
-    # Width and height must be multiples of this (VAE factor x patch size).
-    size_multiple: int
-    max_size: int
-    num_heads: int
-    # Whether guidance_scale > 1 doubles the batch with unconditional rows.
-    uses_cfg: bool
-    device: str
-    dtype: str
-
-    def image_tokens(self, width: int, height: int) -> int:
-        return (width // self.size_multiple) * (height // self.size_multiple)
 
 
 class Stage(enum.IntEnum):

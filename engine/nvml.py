@@ -19,7 +19,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
-from engine.telemetry import DeviceStats, TelemetryUnavailable
+from engine.device_stats import DeviceStats, TelemetryUnavailable
 
 
 def visible_entries(value: str | None) -> list[str] | None:

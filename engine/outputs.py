@@ -10,7 +10,7 @@ from PIL import Image
 
 from engine.image_codec import decode_image, encode_image
 from engine.messages import ImageData
-from engine.request import ImageParams
+from engine.params import ImageParams
 
 
 class RequestFailedError(RuntimeError):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from engine.executor.base import Executor
 from engine.messages import Migration, ModelInfo, NewRequest, Stage, Task, TaskResult
-from engine.request import ImageParams, Limits
+from engine.params import ImageParams, Limits
 from engine.scheduler.profile import MigrationSpec, Point, Profile
 
 PROMPT = "a photo of a lighthouse on a cliff at dawn, detailed"
@@ -55,7 +55,7 @@ class Profiler:
 
     def degrees(self, spec: ProfileSpec) -> tuple[int, ...]:
         assert self.info is not None
-        possible = [d for d in range(1, self.executor.num_workers + 1) if self.info.num_heads % d == 0]
+        possible = self.info.degrees(self.executor.num_workers)
         return tuple(d for d in possible if spec.degrees is None or d in spec.degrees)
 
     async def measure(self, spec: ProfileSpec, model: str, device: str, source: str = "") -> Profile:
@@ -71,7 +71,7 @@ class Profiler:
                         points.append(Point(stage, width, height, batch, degree,
                                             round(statistics.median(times[stage]) * 1e3, 3)))
         migration = MigrationSpec()
-        if self.executor.num_workers >= 2:
+        if self.executor.num_workers >= 2 and info.state_transfer:
             migration = await self._migration(spec)
         return Profile(model=model, size_multiple=info.size_multiple, default_steps=info.default_steps,
                        points=tuple(points), device=device, source=source, migration=migration)

@@ -17,46 +17,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol
+
+from engine.device_stats import DeviceStats, TelemetryUnavailable
+from engine.nvml import NvmlSource
+
+__all__ = ["DeviceStats", "FakeSource", "Reading", "Snapshot", "Source", "Telemetry", "TelemetrySampler",
+           "TelemetryUnavailable", "summary"]
 
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
-
-
-@dataclass(frozen=True)
-class DeviceStats:
-    index: int  # NVML device index
-    memory_used: int
-    memory_total: int
-    gpu_util: float  # percent of time a kernel ran, last sample period
-    memory_util: float
-    # pid -> bytes used on the device, for every compute (or graphics) process NVML sees.
-    processes: dict[int, int] = field(default_factory=dict)
-    # pid -> SM utilisation (%) of each process, where the driver keeps per-process samples.
-    process_util: dict[int, float] = field(default_factory=dict)
-    name: str = ""
-    power_w: float | None = None
-    temperature_c: float | None = None
-    sm_clock_mhz: int | None = None
-    throttle_reasons: int = 0  # NVML's clocks-event-reason bit mask
-
-    @property
-    def free_memory(self) -> int:
-        return max(0, self.memory_total - self.memory_used)
-
-    def foreign_pids(self, ours: Iterable[int]) -> list[int]:
-        mine = set(ours)
-        return sorted(pid for pid in self.processes if pid not in mine)
-
-    def foreign_load(self, foreign: list[int]) -> float:
-        """Utilisation (%) the foreign processes cause: their own SM samples where NVML has
-        them, else the whole device's (which also counts our workers' kernels, so it
-        overestimates while ours run)."""
-        if self.process_util:
-            return min(100.0, sum(self.process_util.get(pid, 0.0) for pid in foreign))
-        return self.gpu_util
 
 
 @dataclass(frozen=True)
@@ -72,10 +44,6 @@ class Snapshot:
     @classmethod
     def empty(cls) -> Snapshot:
         return cls(0.0, {}, {}, {})
-
-
-class TelemetryUnavailable(RuntimeError):
-    pass
 
 
 class Source(Protocol):
@@ -171,8 +139,6 @@ class TelemetrySampler:
                   on_sample: Callable[[Snapshot], None] | None = None) -> TelemetrySampler:
         """NVML's sampler, or one that reports nothing (said once in the log) without NVML.
         NVML's initialisation can take a while: call this off the event loop."""
-        from engine.nvml import NvmlSource
-
         try:
             source: Source | None = NvmlSource()
             reason = None

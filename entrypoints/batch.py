@@ -27,7 +27,7 @@ import msgspec
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.outputs import RequestAbortedError, RequestFailedError
-from engine.request import InvalidParamsError, check_prompt
+from engine.params import InvalidParamsError, check_prompt
 from entrypoints.batch_input import Job, default_seed, open_input, parse_line, read_jobs
 from entrypoints.batch_manifest import (
     BAD_INPUT,
@@ -222,7 +222,8 @@ class _Runner:
         self.manifest.write({
             "id": job.id, "status": OK, "files": files, "seed": params.seed, "prompt": job.prompt,
             "params": {"width": params.width, "height": params.height, "steps": params.num_inference_steps,
-                       "guidance": params.guidance_scale, "n": params.n, "negative_prompt": params.negative_prompt,
+                       "guidance": params.guidance_scale, "true_cfg_scale": params.true_cfg_scale, "n": params.n,
+                       "negative_prompt": params.negative_prompt,
                        "output_format": params.output_format},
             "timings": {"queue_s": metrics.queue_time if metrics else None,
                         "latency_s": metrics.latency if metrics else None},

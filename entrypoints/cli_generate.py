@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=parse_size, default=None, help="N or WxH (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--true-cfg-scale", type=float, default=None,
+                        help="true CFG scale of true-CFG families (Qwen-Image; with --negative-prompt), "
+                             "ignored by the others (default: the model's)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and printed)")
     parser.add_argument("-n", type=int, default=1, help="images to generate (default: 1)")
     parser.add_argument("--negative-prompt", default=None,
@@ -24,12 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.request import ImageParams, InvalidParamsError
+    from engine.params import ImageParams, InvalidParamsError
     from entrypoints.offline import DiT
 
     width, height = args.size if args.size else (None, None)
     params = ImageParams(negative_prompt=args.negative_prompt, n=args.n, width=width, height=height,
-                         num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+                         num_inference_steps=args.steps, guidance_scale=args.guidance,
+                         true_cfg_scale=args.true_cfg_scale, seed=args.seed)
     with DiT(**engine_options_from_args(args)) as dit:
         try:
             output = dit.generate(args.prompt, params)[0]

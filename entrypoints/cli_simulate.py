@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=1,
                         help="workloads to draw (seeds SEED, SEED+1, ...); the figures are their mean")
     parser.add_argument("--max-batch-size", type=int, default=16, help="most images in one simulated batch (default: 16)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="most image-token rows per worker in one simulated denoise batch, as the engine's "
+                             "--max-batch-tokens (default: the engine's for the profile's device: 2048 on a CPU, "
+                             "no cap on a GPU)")
     parser.add_argument("--migration-ms", type=float, default=None,
                         help="flat cost per state migration (default: the profile's model)")
     parser.add_argument("--jitter", type=float, default=0.0,
@@ -123,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
             window = sum(p.duration_s for p in phases)
         saturated = generate(classes, cm, num_gpus=args.num_gpus, saturate=args.saturate, steps=args.steps,
                              seed=seed) if args.saturate else []
-        options = {"max_batch_size": args.max_batch_size, "jitter": args.jitter, "seed": seed}
+        options = {"max_batch_size": args.max_batch_size, "max_batch_tokens": args.max_batch_tokens,
+                   "jitter": args.jitter, "seed": seed}
         try:
             if interference is None:
                 results = run_policies(specs, cm, args.num_gpus, workload, saturated, **options)

@@ -22,7 +22,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.messages import ModelInfo
 from engine.outputs import RequestMetrics, RequestOutput
-from engine.request import ImageParams, InvalidParamsError, check_prompt
+from engine.params import ImageParams, InvalidParamsError, check_prompt
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ from aiohttp import web
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.metrics import EngineMetrics
 from engine.outputs import GeneratedImage, RequestAbortedError, RequestFailedError, RequestOutput
-from engine.request import ImageParams, InvalidParamsError, check_prompt
+from engine.params import ImageParams, InvalidParamsError, check_prompt
 from entrypoints.admission import Admission
 from entrypoints.image_store import ImageStore
 from entrypoints.protocol import (
@@ -145,7 +145,8 @@ class ImageGenerations:
             check_prompt(req.prompt, self.engine.config.limits)
             params = self.engine.resolve_params(ImageParams(
                 negative_prompt=req.negative_prompt, n=req.n or 1, width=width, height=height,
-                num_inference_steps=steps, guidance_scale=req.guidance_scale, seed=req.seed,
+                num_inference_steps=steps, guidance_scale=req.guidance_scale,
+                true_cfg_scale=req.true_cfg_scale, seed=req.seed,
                 output_format=req.output_format or "png", output_compression=req.output_compression,
                 # Partial images only make sense in a stream; don't pay for previews otherwise.
                 partial_images=(req.partial_images or 0) if stream else 0,

@@ -22,7 +22,7 @@ def pipeline_reference(pipe, prompt: str, params: ImageParams) -> tuple[torch.Te
         num_images_per_prompt=params.n,
     )
     name = type(pipe).__name__
-    if name.startswith("PixArt"):
+    if name.startswith(("PixArt", "Sana")):
         kwargs["use_resolution_binning"] = False
     if params.negative_prompt is not None and not name.startswith("Flux"):
         kwargs["negative_prompt"] = params.negative_prompt

@@ -3,26 +3,46 @@
 from __future__ import annotations
 
 from engine.messages import ItemResult, Stage, TaskResult
-from engine.request import ImageParams, Request, RequestStatus, ShapeKey
+from engine.model_info import BatchKey, LatentSpec, ModelInfo
+from engine.params import ImageParams
+from engine.request import Request, RequestStatus
 from engine.scheduler.cost_model import CostModel
 from engine.scheduler.policy import SchedulerView
 from engine.scheduler.profile import MigrationSpec, Point, Profile
 
-S, M, L = ShapeKey(512, 512, True), ShapeKey(1024, 1024, True), ShapeKey(1536, 1536, True)
+# A model of 16 pixels per token side (VAE factor 8, patch 2) with standard CFG.
+MODEL = ModelInfo(name="test-model", family="pixart", default_width=512, default_height=512, default_steps=20,
+                  default_guidance=4.5, latent=LatentSpec(channels=4, spatial_compression=8, patch_size=2),
+                  max_size=4096, num_heads=8, guidance="cfg", device="cpu", dtype="float32")
 
 
-def make_request(rid: str, arrival: float = 0.0, steps: int = 4, n: int = 1, shape: ShapeKey = S,
+def shape_key(width: int, height: int, cfg: bool = True) -> BatchKey:
+    """The test model's batch key of a width x height request, with or without CFG."""
+    return MODEL.batch_key(ImageParams(width=width, height=height, guidance_scale=4.5 if cfg else 1.0))
+
+
+def pixel_size(key: BatchKey) -> tuple[int, int]:
+    """(width, height) of the test model's key."""
+    _, _, height, width = key.latent_shape
+    factor = MODEL.latent.spatial_compression
+    return width * factor, height * factor
+
+
+S, M, L = shape_key(512, 512), shape_key(1024, 1024), shape_key(1536, 1536)
+
+
+def make_request(rid: str, arrival: float = 0.0, steps: int = 4, n: int = 1, shape: BatchKey = S,
                  priority: int = 0, deadline_s: float | None = None, location: tuple[int, ...] | None = None,
                  step: int = 0) -> Request:
     """A request; with ``location`` it is already encoded there and has done ``step`` steps."""
-    params = ImageParams(n=n, width=shape.width, height=shape.height, num_inference_steps=steps,
+    width, height = pixel_size(shape)
+    params = ImageParams(n=n, width=width, height=height, num_inference_steps=steps,
                          guidance_scale=4.5, seed=0, priority=priority, deadline_s=deadline_s)
     request = Request(rid, "a prompt", params, shape, arrival)
     if location is not None:
         request.location = location
         request.status = RequestStatus.RUNNING
         request.step = step
-        request.denoised = step >= steps
     return request
 
 

@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism for PixArt, SD3 and FLUX, as attention processors.
+"""Ulysses sequence parallelism as attention processors; the installers of PixArt, SD3 and FLUX.
 
 Within a group of P workers, each member runs the transformer blocks on 1/P of the image
 tokens. Attention needs every token, so each attention layer trades a sequence shard of
@@ -11,6 +11,10 @@ ends a step with the full noise prediction and hence the full latents.
 
 The group is the current task's and changes from step to step; with no group (degree 1)
 the processors hand over to the model's own, so results are the pipeline's exactly.
+
+A family's installer (``install_<family>(transformer, sp)``) puts processors on its
+attention layers and calls ``install_hooks``; engine/models/registry.py names it, so a new
+family's installer may live in its own module.
 """
 
 from __future__ import annotations
@@ -206,23 +210,41 @@ class FluxAttention(_Processor):
 
 
 def install(transformer: torch.nn.Module, family: str, sp: SequenceParallel) -> None:
-    """Put sequence-parallel processors and shard/gather hooks on a diffusers transformer."""
-    if family == "pixart":
-        blocks = list(transformer.transformer_blocks)
-        for block in blocks:
-            block.attn1.set_processor(SelfAttention(sp, block.attn1.processor))
-    elif family == "sd3":
-        blocks = list(transformer.transformer_blocks)
-        for block in blocks:
-            block.attn.set_processor(JointAttention(sp, block.attn.processor))
-            if getattr(block, "attn2", None) is not None:
-                block.attn2.set_processor(SelfAttention(sp, block.attn2.processor))
-    elif family == "flux":
-        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-        for block in blocks:
-            block.attn.set_processor(FluxAttention(sp, block.attn.processor))
-    else:
+    """Put the family's sequence-parallel processors and shard/gather hooks on a transformer
+    (the family's installer comes from engine/models/registry.py)."""
+    from engine.models.registry import FAMILIES, resolve
+
+    entry = FAMILIES.get(family)
+    if entry is None or entry.sequence_parallel is None:
         raise ValueError(f"no sequence-parallel support for family {family!r}")
+    resolve(entry.sequence_parallel)(transformer, sp)
+
+
+def install_pixart(transformer: torch.nn.Module, sp: SequenceParallel) -> None:
+    blocks = list(transformer.transformer_blocks)
+    for block in blocks:
+        block.attn1.set_processor(SelfAttention(sp, block.attn1.processor))
+    install_hooks(blocks, sp)
+
+
+def install_sd3(transformer: torch.nn.Module, sp: SequenceParallel) -> None:
+    blocks = list(transformer.transformer_blocks)
+    for block in blocks:
+        block.attn.set_processor(JointAttention(sp, block.attn.processor))
+        if getattr(block, "attn2", None) is not None:
+            block.attn2.set_processor(SelfAttention(sp, block.attn2.processor))
+    install_hooks(blocks, sp)
+
+
+def install_flux(transformer: torch.nn.Module, sp: SequenceParallel) -> None:
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    for block in blocks:
+        block.attn.set_processor(FluxAttention(sp, block.attn.processor))
+    install_hooks(blocks, sp)
+
+
+def install_hooks(blocks: list[torch.nn.Module], sp: SequenceParallel) -> None:
+    """Shard the image tokens before the first block and gather them after the last."""
     blocks[0].register_forward_pre_hook(_shard_hook(sp), with_kwargs=True)
     blocks[-1].register_forward_hook(_gather_hook(sp))
 

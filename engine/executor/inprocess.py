@@ -29,7 +29,7 @@ class InProcessExecutor(Executor):
         model = self.config.model
         keep_freed_memory()  # this process runs the model: reuse its pages (allocator.py)
         adapter = await self._loop.run_in_executor(
-            self._thread, load_adapter, model.model, model.device, model.dtype)
+            self._thread, load_adapter, model.model, model.device, model.dtype, model.backend)
         backend = resolve_attention_backend(model.attention_backend, adapter.device)
         self._worker = Worker(0, adapter, attention_backend=backend)
         return adapter.info()
@@ -49,4 +49,8 @@ class InProcessExecutor(Executor):
         self._thread.submit(self._worker.free, request_ids)
 
     async def shutdown(self) -> None:
+        # Drop every state the worker still holds (a paused pipeline call unwinds), then stop.
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            self._thread.submit(lambda: worker.free(list(worker.states)))
         await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)

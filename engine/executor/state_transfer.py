@@ -17,7 +17,7 @@ import msgspec
 import torch
 
 from engine.models.base import DiTAdapter, RequestState
-from engine.request import ImageParams
+from engine.params import ImageParams
 
 _DTYPES = {str(dt).removeprefix("torch."): dt for dt in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,

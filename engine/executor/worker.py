@@ -25,7 +25,7 @@ from engine.distributed.ulysses import SequenceParallel, install
 from engine.executor.migration import run_migrations
 from engine.image_codec import encode_image
 from engine.messages import ItemResult, Stage, Task, TaskResult
-from engine.models.base import DiTAdapter, RequestState
+from engine.models.base import ModelRunner, RequestState
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +37,14 @@ def preview_steps(num_steps: int, partial_images: int) -> set[int]:
 
 
 class Worker:
-    def __init__(self, rank: int, adapter: DiTAdapter, comm: Collectives | None = None,
+    def __init__(self, rank: int, adapter: ModelRunner, comm: Collectives | None = None,
                  attention_backend: str = "sdpa") -> None:
         self.rank = rank
         self.adapter = adapter
         self.states: dict[str, RequestState] = {}
         self.sp = SequenceParallel(comm, attention_backend)
-        install(adapter.transformer, adapter.family, self.sp)
+        if adapter.info().sequence_parallel:
+            install(adapter.transformer, adapter.family, self.sp)
 
     def set_collectives(self, comm: Collectives | None) -> None:
         """Join (or, with None, leave) the world's group-free collectives."""
@@ -87,7 +88,9 @@ class Worker:
 
     def free(self, request_ids: list[str]) -> None:
         for rid in request_ids:
-            self.states.pop(rid, None)
+            state = self.states.pop(rid, None)
+            if state is not None:
+                self.adapter.release(state)
 
     def _states(self, task: Task) -> tuple[list[RequestState], list[ItemResult]]:
         found, missing = [], []
@@ -101,9 +104,9 @@ class Worker:
 
     def _encode(self, task: Task) -> list[ItemResult]:
         news = task.new_requests
-        embeds = self.adapter.encode([r.prompt for r in news], [r.params for r in news])
-        for new, (cond, uncond) in zip(news, embeds):
-            self.states[new.request_id] = self.adapter.prepare(new.request_id, new.params, cond, uncond)
+        states = self.adapter.new_states([r.request_id for r in news], [r.prompt for r in news],
+                                         [r.params for r in news])
+        self.states.update((new.request_id, state) for new, state in zip(news, states))
         return [ItemResult(r.request_id, 0) for r in news]
 
     def _denoise(self, task: Task, lead: bool) -> list[ItemResult]:
@@ -127,7 +130,7 @@ class Worker:
             return items
         for state, pixels in zip(states, self.adapter.decode(states)):
             item = ItemResult(state.request_id, state.step, images=[self._encode_pixels(p, state) for p in pixels])
-            if state.params.return_latents:
+            if state.params.return_latents and state.latents is not None:
                 latents = state.latents.detach().to("cpu", torch.float32).numpy()
                 item.latents = np.ascontiguousarray(latents).tobytes()
                 item.latents_shape = list(latents.shape)

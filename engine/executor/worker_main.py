@@ -80,7 +80,7 @@ def load_worker(spec: WorkerSpec):
     from engine.models.attention import resolve_attention_backend
     from engine.models.loader import load_adapter
 
-    adapter = load_adapter(spec.model.model, spec.device, spec.model.dtype)
+    adapter = load_adapter(spec.model.model, spec.device, spec.model.dtype, spec.model.backend)
     backend = resolve_attention_backend(spec.model.attention_backend, adapter.device)
     worker = Worker(spec.rank, adapter, attention_backend=backend)
     if spec.worker_hook:

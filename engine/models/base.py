@@ -6,9 +6,15 @@ batching across requests impossible. An adapter exposes the same math as four st
 - ``encode``: text encoders for a batch of requests (classifier-free-guidance pairs);
 - ``prepare``: a request's initial latents from its own seeded generator, its own
   scheduler instance and timesteps;
-- ``denoise``: one transformer call for a batch of same-shape requests, each at its own
-  timestep with its own guidance scale, then each request's own ``scheduler.step``;
+- ``denoise``: one transformer call for a batch of requests with equal batch keys, each
+  at its own timestep with its own guidance scale, then each request's own ``scheduler.step``;
 - ``decode``: the VAE, for a batch of same-shape requests.
+
+What a family decides, it decides here, in methods a subclass overrides: its description
+(``info``: latent geometry and guidance rule, engine/model_info.py), how guided
+predictions combine (``combine_guidance``), how prompts of different lengths are padded
+and masked when a batch's embeddings are concatenated (``concat_embeds``). Its
+sequence-parallel processors are named in engine/models/registry.py.
 
 The adapter calls the pipeline's own methods (``encode_prompt``, ``prepare_latents``,
 ``retrieve_timesteps``, the scheduler's ``step``) so that a request's image equals
@@ -20,14 +26,15 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from engine.messages import ModelInfo
-from engine.request import ImageParams
+from engine.model_info import LatentSpec, ModelInfo
+from engine.models.registry import FAMILIES
+from engine.params import ImageParams
 
 Embeds = dict[str, torch.Tensor]
 
@@ -61,6 +68,28 @@ class RequestState:
         return self.latents.shape[0]
 
 
+class ModelRunner(Protocol):
+    """What a worker asks of a model: a DiTAdapter, or the whole-pipeline fallback
+    (engine/models/fallback.py), whose states are its own kind."""
+
+    family: str
+    name: str
+    device: torch.device
+    transformer: Any
+
+    def info(self) -> ModelInfo: ...
+
+    def new_states(self, request_ids: list[str], prompts: list[str], params: list[ImageParams]) -> list[Any]: ...
+
+    def denoise(self, states: list[Any]) -> None: ...
+
+    def decode(self, states: list[Any]) -> list[np.ndarray]: ...
+
+    def preview(self, state: Any) -> np.ndarray: ...
+
+    def release(self, state: Any) -> None: ...
+
+
 class DiTAdapter(ABC):
     """Base class of the per-family adapters; subclasses fill in the family's math."""
 
@@ -68,8 +97,11 @@ class DiTAdapter(ABC):
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     default_steps: ClassVar[int]
     default_guidance: ClassVar[float]
-    # True where guidance_scale > 1 doubles the batch with unconditional rows.
-    uses_cfg: ClassVar[bool] = True
+    # The guidance rule (engine/model_info.py GUIDANCE_RULES): "cfg" doubles the rows of
+    # requests with guidance_scale > 1 and combines them with combine_guidance.
+    guidance: ClassVar[str] = "cfg"
+    # The default true_cfg_scale of a true-CFG family; None: the family ignores it.
+    default_true_cfg_scale: ClassVar[float | None] = None
 
     def __init__(self, pipe: DiffusionPipeline, name: str, default_size: int | None = None,
                  default_steps: int | None = None) -> None:
@@ -82,6 +114,7 @@ class DiTAdapter(ABC):
         self._default_steps = default_steps or self.default_steps
         self.attention_backend = "sdpa"
         self.vae_pixels_per_call = 2**26 if self.device.type == "cuda" else 4 * 256 * 256
+        self._info: ModelInfo | None = None
 
     # ----- description -------------------------------------------------------------
     @property
@@ -98,24 +131,39 @@ class DiTAdapter(ABC):
     def _max_size(self) -> int:
         return 4096
 
+    def latent_spec(self) -> LatentSpec:
+        """The latent geometry: the VAE's channels and factor, the transformer's patch."""
+        return LatentSpec(channels=self.pipe.vae.config.latent_channels,
+                          spatial_compression=self.vae_scale_factor, patch_size=self.patch_size)
+
     def info(self) -> ModelInfo:
-        return ModelInfo(
-            name=self.name,
-            family=self.family,
-            default_width=self._default_size,
-            default_height=self._default_size,
-            default_steps=self._default_steps,
-            default_guidance=self.default_guidance,
-            size_multiple=self.vae_scale_factor * self.patch_size,
-            max_size=self._max_size(),
-            num_heads=self.transformer.config.num_attention_heads,
-            uses_cfg=self.uses_cfg,
-            device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."),
-        )
+        if self._info is None:
+            entry = FAMILIES.get(self.family)
+            self._info = ModelInfo(
+                name=self.name,
+                family=self.family,
+                default_width=self._default_size,
+                default_height=self._default_size,
+                default_steps=self._default_steps,
+                default_guidance=self.default_guidance,
+                default_true_cfg_scale=self.default_true_cfg_scale,
+                latent=self.latent_spec(),
+                max_size=self._max_size(),
+                num_heads=self.transformer.config.num_attention_heads,
+                guidance=self.guidance,
+                sequence_parallel=entry is not None and entry.sequence_parallel is not None,
+                device=str(self.device),
+                dtype=str(self.dtype).removeprefix("torch."),
+            )
+        return self._info
 
     def cfg(self, params: ImageParams) -> bool:
-        return self.uses_cfg and params.guidance_scale > 1.0
+        """Whether the request runs unconditional rows (the model's one guidance rule)."""
+        return self.info().guided(params)
+
+    def rows(self, params: ImageParams) -> int:
+        """Transformer rows the request adds to a denoise call."""
+        return params.n * self.info().rows_per_image(params)
 
     # ----- encode ------------------------------------------------------------------
     @abstractmethod
@@ -164,6 +212,14 @@ class DiTAdapter(ABC):
     def _step_kwargs(self, state: RequestState) -> dict[str, Any]:
         return {}
 
+    def new_states(self, request_ids: list[str], prompts: list[str], params: list[ImageParams]) -> list[RequestState]:
+        """The ENCODE stage of a batch of new requests: encode, then prepare each."""
+        embeds = self.encode(prompts, params)
+        return [self.prepare(rid, p, cond, uncond) for rid, p, (cond, uncond) in zip(request_ids, params, embeds)]
+
+    def release(self, state: RequestState) -> None:  # noqa: B027 - nothing to release by default
+        """A state is dropped (decoded, aborted, failed); its tensors go with it."""
+
     # ----- denoise -----------------------------------------------------------------
     def _timestep_rows(self, state: RequestState) -> torch.Tensor:
         return state.timesteps[state.step].expand(state.n)
@@ -192,9 +248,9 @@ class DiTAdapter(ABC):
         guidance = torch.cat([
             torch.full((s.n,), s.params.guidance_scale, dtype=torch.float32, device=self.device) for s in states
         ])
-        embeds = _cat_embeds([s.cond for s in states])
+        embeds = self.concat_embeds([s.cond for s in states])
         if use_cfg:
-            embeds = _cat_embeds([_cat_embeds([s.uncond for s in states]), embeds])  # type: ignore[misc]
+            embeds = self.concat_embeds([self.concat_embeds([s.uncond for s in states]), embeds])  # type: ignore[misc]
             latents = torch.cat([latents, latents])
             timesteps = torch.cat([timesteps, timesteps])
             guidance = torch.cat([guidance, guidance])
@@ -206,13 +262,22 @@ class DiTAdapter(ABC):
             rows = slice(row, row + s.n)
             row += s.n
             if use_cfg:
-                u, c = uncond_noise[rows], cond_noise[rows]
-                noise_i = u + s.params.guidance_scale * (c - u)
+                noise_i = self.combine_guidance(s, uncond_noise[rows], cond_noise[rows])
             else:
                 noise_i = noise[rows]
             t = s.timesteps[s.step]
             s.latents = s.scheduler.step(noise_i, t, s.latents, **s.step_kwargs, return_dict=False)[0]
             s.step += 1
+
+    def combine_guidance(self, state: RequestState, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """One request's guided prediction from its unconditional and conditional ones."""
+        return uncond + state.params.guidance_scale * (cond - uncond)
+
+    def concat_embeds(self, parts: list[Embeds]) -> Embeds:
+        """Concatenate the requests' embeddings along the batch. The default needs equal
+        lengths (families that pad every prompt to a fixed length); a family whose prompts
+        vary in length pads here and extends its attention mask."""
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     # ----- decode ------------------------------------------------------------------
     @abstractmethod
@@ -247,7 +312,3 @@ class DiTAdapter(ABC):
 
 def _take_row(embeds: Embeds, row: int, n: int) -> Embeds:
     return {k: v[row:row + 1].repeat_interleave(n, dim=0) for k, v in embeds.items()}
-
-
-def _cat_embeds(parts: list[Embeds]) -> Embeds:
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

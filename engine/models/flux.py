@@ -10,7 +10,7 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 from engine.models.base import DiTAdapter, Embeds, RequestState
-from engine.request import ImageParams
+from engine.params import ImageParams
 
 
 class FluxAdapter(DiTAdapter):
@@ -21,7 +21,7 @@ class FluxAdapter(DiTAdapter):
     pipeline_class = FluxPipeline
     default_steps = 28
     default_guidance = 3.5
-    uses_cfg = False
+    guidance = "embedded"
     max_sequence_length = 512
 
     def _pipeline_default_size(self) -> int:

@@ -8,15 +8,12 @@ import os
 import torch
 from diffusers import DiffusionPipeline
 
-from engine.models.base import DiTAdapter
-from engine.models.flux import FluxAdapter
-from engine.models.pixart import PixArtAdapter
+from engine.models.base import DiTAdapter, ModelRunner
+from engine.models.fallback import PipelineFallback
 from engine.models.presets import PRESETS, build_preset
-from engine.models.sd3 import SD3Adapter
+from engine.models.registry import FAMILIES, family_of_pipeline, native_pipelines, resolve
 
 logger = logging.getLogger(__name__)
-
-ADAPTERS: tuple[type[DiTAdapter], ...] = (PixArtAdapter, SD3Adapter, FluxAdapter)
 
 
 class ModelLoadError(RuntimeError):
@@ -41,12 +38,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16") from None
 
 
-def adapter_for(pipe: DiffusionPipeline) -> type[DiTAdapter]:
-    for adapter in ADAPTERS:
-        if isinstance(pipe, adapter.pipeline_class):
-            return adapter
-    supported = ", ".join(a.pipeline_class.__name__ for a in ADAPTERS)
-    raise ModelLoadError(f"pipeline class {type(pipe).__name__} is not supported; supported: {supported}")
+BACKENDS = ("auto", "diffusers")
+
+
+def adapter_for(pipe: DiffusionPipeline, backend: str = "auto") -> type[DiTAdapter] | type[PipelineFallback]:
+    """The adapter of the family serving the pipeline's class (or a base class of it); any
+    other diffusers pipeline (or every one, with backend="diffusers") runs whole."""
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
+    family = family_of_pipeline([cls.__name__ for cls in type(pipe).__mro__])
+    if family is not None and backend == "auto":
+        return resolve(FAMILIES[family].adapter)
+    if isinstance(pipe, DiffusionPipeline):
+        return PipelineFallback
+    raise ModelLoadError(f"pipeline class {type(pipe).__name__} is not supported; "
+                         f"supported: {', '.join(native_pipelines())}")
 
 
 def load_pipeline(model: str, dtype: torch.dtype) -> DiffusionPipeline:
@@ -63,19 +69,22 @@ def load_pipeline(model: str, dtype: torch.dtype) -> DiffusionPipeline:
     return pipe
 
 
-def load_adapter(model: str, device: str = "auto", dtype: str = "auto") -> DiTAdapter:
+def load_adapter(model: str, device: str = "auto", dtype: str = "auto", backend: str = "auto") -> ModelRunner:
     """Load a pipeline on the device in the dtype, every module in eval mode."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     pipe = load_pipeline(model, torch_dtype)
-    adapter_cls = adapter_for(pipe)
+    adapter_cls = adapter_for(pipe, backend)
     pipe.to(torch_device)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
     pipe.set_progress_bar_config(disable=True)
     preset = PRESETS.get(model)
-    adapter = adapter_cls(pipe, model, default_size=preset.default_size if preset else None,
-                          default_steps=preset.default_steps if preset else None)
+    try:
+        adapter = adapter_cls(pipe, model, default_size=preset.default_size if preset else None,
+                              default_steps=preset.default_steps if preset else None)
+    except ValueError as exc:
+        raise ModelLoadError(f"model {model!r}: {exc}") from exc
     logger.info("loaded %s (%s) on %s in %s", model, adapter.family, torch_device, torch_dtype)
     return adapter

@@ -9,7 +9,7 @@ from diffusers import PixArtSigmaPipeline
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_timesteps
 
 from engine.models.base import DiTAdapter, Embeds, RequestState
-from engine.request import ImageParams
+from engine.params import ImageParams
 
 
 class PixArtAdapter(DiTAdapter):

@@ -10,7 +10,6 @@ CPU the transformer, not Python, dominates a step.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +46,16 @@ class PresetSpec:
     default_size: int
     default_steps: int
     description: str
+
+
+def _lazy(path: str) -> Callable[[], DiffusionPipeline]:
+    """A builder in another module, imported when the preset is built."""
+    def build() -> DiffusionPipeline:
+        from engine.models.registry import resolve
+
+        return resolve(path)()
+
+    return build
 
 
 def _seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -211,20 +220,17 @@ def build_tiny_flux() -> FluxPipeline:
     )
 
 
-def _builder(module: str, name: str) -> Callable[[], DiffusionPipeline]:
-    """A builder imported when called (families in modules of their own import their classes then)."""
-    return lambda: getattr(importlib.import_module(module), name)()
-
-
 PRESETS: dict[str, PresetSpec] = {
     "tiny-pixart": PresetSpec(build_tiny_pixart, 256, 20, "PixArt-Sigma, 2 layers, random weights"),
     "small-pixart": PresetSpec(build_small_pixart, 512, 20, "PixArt-Sigma, 12 layers x 384 (~30M), random weights"),
     "tiny-sd3": PresetSpec(build_tiny_sd3, 256, 28, "Stable Diffusion 3, 2 layers, random weights"),
     "tiny-flux": PresetSpec(build_tiny_flux, 256, 28, "FLUX, 1+1 layers, random weights"),
-    "tiny-qwen-image": PresetSpec(_builder("engine.models.presets_qwen", "build_tiny_qwen_image"), 256, 20,
+    "tiny-qwen-image": PresetSpec(_lazy("engine.models.presets_qwen:build_tiny_qwen_image"), 256, 20,
                                   "Qwen-Image, 2 layers, Qwen2.5-VL text encoder, random weights"),
-    "tiny-z-image": PresetSpec(_builder("engine.models.presets_qwen", "build_tiny_z_image"), 256, 20,
+    "tiny-z-image": PresetSpec(_lazy("engine.models.presets_qwen:build_tiny_z_image"), 256, 20,
                                "Z-Image, 1+2 layers, Qwen3 text encoder, random weights"),
+    "tiny-sana": PresetSpec(_lazy("engine.models.tiny_sana:build_tiny_sana"), 64, 20,
+                            "SANA, 1 layer, random weights (no native adapter: the whole-pipeline fallback)"),
 }
 
 

@@ -12,7 +12,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 )
 
 from engine.models.base import DiTAdapter, Embeds, RequestState
-from engine.request import ImageParams
+from engine.params import ImageParams
 
 
 class SD3Adapter(DiTAdapter):

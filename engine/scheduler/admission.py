@@ -33,7 +33,7 @@ def admit(plan: Plan, view: SchedulerView, requests: Mapping[str, Request]) -> P
         if view.memory_will_free:
             return None
         return replace(plan, request_ids=plan.request_ids[:1])
-    limit = min(view.batch_limit(plan.stage, r.shape, plan.group) for r in batch)
+    limit = min(view.batch_limit(plan.stage, r.key, plan.group) for r in batch)
     kept, images = [], 0
     for r in batch:
         if kept and images + r.n > limit:

@@ -108,17 +108,17 @@ class EDFPolicy(Policy):
 
     def _start(self, rnd: Round, r: Request) -> None:
         view = rnd.view
-        if r.location is None:
+        if r.stage == Stage.ENCODE:
             if not any(self._may_encode(rnd, r, rank) for rank in rnd.free):
                 return  # no free device has room for its state, or time for it, yet
             rank, batch = self._encode_share(rnd, r)
             rnd.take(Draft(Stage.ENCODE, batch, (rank,)))
-        elif r.denoised:
+        elif r.stage == Stage.DECODE:
             holders = [rank for rank in r.location if rank in rnd.free]
             if holders:
                 same = r.location
-                limit = view.batch_limit(Stage.DECODE, r.shape, (holders[0],))
-                batch = self._followers(rnd, r, lambda q: q.denoised and q.location == same and q.shape == r.shape,
+                limit = view.batch_limit(Stage.DECODE, r.key, (holders[0],))
+                batch = self._followers(rnd, r, lambda q: q.stage == Stage.DECODE and q.location == same and q.key == r.key,
                                         limit)
                 rnd.take(Draft(Stage.DECODE, batch, (holders[0],)))
         elif any(rank in rnd.free for rank in r.location):  # else its holders are busy: it waits
@@ -184,11 +184,11 @@ class EDFPolicy(Policy):
         images = dict.fromkeys(free, 0)
         shares: dict[int, list[Request]] = {rank: [] for rank in free}
         for q in rnd.order:
-            if q.location is not None or q.request_id in rnd.taken:
+            if q.stage != Stage.ENCODE or q.request_id in rnd.taken:
                 continue
             accepting = [k for k in free if self._may_encode(rnd, q, k)]
             open_ranks = [k for k in accepting if not shares[k]
-                          or images[k] + q.n <= view.batch_limit(Stage.ENCODE, q.shape, (k,))]
+                          or images[k] + q.n <= view.batch_limit(Stage.ENCODE, q.key, (k,))]
             if not open_ranks:
                 if accepting:
                     break
@@ -240,11 +240,12 @@ class EDFPolicy(Policy):
         and computes its own next round, once the sends (milliseconds) are done. Without
         this, work placed on a worker stays there while another idles."""
         book = rnd.book
+        if not rnd.view.state_transfer:
+            return
         for idle in sorted(rnd.free):
             queued: dict[int, list[Request]] = {}
             for r in rnd.view.requests:
-                if (r.location is not None and len(r.location) == 1 and not r.denoised
-                        and r.request_id not in rnd.taken):
+                if r.stage == Stage.DENOISE and len(r.location) == 1 and r.request_id not in rnd.taken:
                     queued.setdefault(r.location[0], []).append(r)
             victims = [d for d in rnd.drafts if d.stage == Stage.DENOISE and len(d.group) == 1
                        and queued.get(d.group[0])]
@@ -260,7 +261,7 @@ class EDFPolicy(Policy):
             for q in queue[1:]:
                 if sum(book.work_s(r) for r in moved.requests) >= half:
                     break
-                if q.shape == first.shape and self.batch_cost(rnd, moved, q) is not None:
+                if q.key == first.key and self.batch_cost(rnd, moved, q) is not None:
                     moved.requests.append(q)
             rnd.drafts.remove(draft)
             rnd.taken.difference_update(r.request_id for r in draft.requests)
@@ -301,7 +302,7 @@ class EDFPolicy(Policy):
         prefer = tuple(draft.group) + tuple(draft.requests[0].location or ())
         current = self.task_s(rnd, draft, draft.group)
         best: tuple[tuple[int, ...], float] | None = None
-        shape = draft.requests[0].shape
+        shape = draft.requests[0].key
         for d in targets:
             group = pick_group(pool, d, prefer, rnd.view.num_workers, rnd.slow) if d <= len(pool) else None
             if group is None or not draft.reaches(group):

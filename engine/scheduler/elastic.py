@@ -25,7 +25,8 @@ holders are busy with more urgent work.
 from __future__ import annotations
 
 from engine.messages import Stage
-from engine.request import Request, ShapeKey
+from engine.model_info import BatchKey
+from engine.request import Request
 from engine.scheduler.cost_model import CostModel
 from engine.scheduler.edf import Draft, EDFPolicy, Round, holds
 
@@ -40,15 +41,15 @@ class ElasticPolicy(EDFPolicy):
         self.min_widen_gain = min_widen_gain
 
     def fill(self, rnd: Round) -> None:
-        by_shape: dict[ShapeKey, list[Draft]] = {}
+        by_shape: dict[BatchKey, list[Draft]] = {}
         for draft in rnd.drafts:
             if draft.stage == Stage.DENOISE:
-                by_shape.setdefault(draft.requests[0].shape, []).append(draft)
+                by_shape.setdefault(draft.requests[0].key, []).append(draft)
         for q in rnd.order:
-            if (q.shape not in by_shape or q.request_id in rnd.taken or q.location is None or q.denoised):
+            if (q.key not in by_shape or q.request_id in rnd.taken or q.stage != Stage.DENOISE):
                 continue
             best: tuple[float, Draft] | None = None
-            for draft in by_shape[q.shape]:
+            for draft in by_shape[q.key]:
                 if not holds(draft.group, [q]):
                     continue
                 cost = self.batch_cost(rnd, draft, q)
@@ -63,9 +64,9 @@ class ElasticPolicy(EDFPolicy):
         ``1 - min_batch_gain`` of its own most efficient step and no on-time member of the
         batch would then miss its deadline."""
         book = rnd.book
-        if draft.requests[0].shape != q.shape or draft.senders:
+        if draft.requests[0].key != q.key or draft.senders:
             return None
-        if draft.images + q.n > rnd.view.batch_limit(Stage.DENOISE, q.shape, draft.group):
+        if draft.images + q.n > rnd.view.batch_limit(Stage.DENOISE, q.key, draft.group):
             return None
         grown = Draft(draft.stage, [*draft.requests, q], draft.group)
         width = len(draft.group)

@@ -41,7 +41,7 @@ class FCFSPolicy(Policy):
         for rank in sorted(view.free_workers, key=view.load):
             ready = sorted(view.on_rank(rank, denoised=True), key=self.sort_key)
             if ready:
-                batch = take_batch(ready, ready[0].shape, view.batch_limit(Stage.DECODE, ready[0].shape, (rank,)))
+                batch = take_batch(ready, ready[0].key, view.batch_limit(Stage.DECODE, ready[0].key, (rank,)))
                 plans.append(Plan(Stage.DECODE, [r.request_id for r in batch], (rank,)))
             else:
                 idle.append(rank)
@@ -54,7 +54,7 @@ class FCFSPolicy(Policy):
                 plans.append(Plan(Stage.ENCODE, [r.request_id for r in encode_for[rank]], (rank,)))
                 continue
             if running[rank]:
-                shape = running[rank][0].shape
+                shape = running[rank][0].key
                 batch = take_batch(running[rank], shape, view.batch_limit(Stage.DENOISE, shape, (rank,)))
                 plans.append(Plan(Stage.DENOISE, [r.request_id for r in batch], (rank,),
                                   view.steps_per_task))
@@ -71,7 +71,7 @@ class FCFSPolicy(Policy):
         for request in sorted(view.waiting(), key=self.sort_key):
             accepting = [r for r in ranks if view.accepts_new(r, request)]
             open_ranks = [r for r in accepting if not placed[r]
-                          or encoded[r] + request.n <= view.batch_limit(Stage.ENCODE, request.shape, (r,))]
+                          or encoded[r] + request.n <= view.batch_limit(Stage.ENCODE, request.key, (r,))]
             if not open_ranks:
                 if accepting:
                     break  # every batch is full
@@ -133,17 +133,17 @@ class StaticPolicy(FCFSPolicy):
             running = sorted(view.on_group(lane, denoised=False), key=self.sort_key)
             new_ok = bool(waiting) and all(view.accepts_new(r, waiting[0]) for r in lane)
             if ready:
-                limit = view.batch_limit(Stage.DECODE, ready[0].shape, lane) if self.batch else 1
-                batch = take_batch(ready, ready[0].shape, limit)
+                limit = view.batch_limit(Stage.DECODE, ready[0].key, lane) if self.batch else 1
+                batch = take_batch(ready, ready[0].key, limit)
                 plans.append(Plan(Stage.DECODE, [r.request_id for r in batch], lane))
             elif new_ok and (not running or (self.batch and view.last_stage.get(lane[0]) != Stage.ENCODE)):
-                limit = view.batch_limit(Stage.ENCODE, waiting[0].shape, lane)
+                limit = view.batch_limit(Stage.ENCODE, waiting[0].key, lane)
                 take = take_images(waiting, limit) if self.batch else waiting[:1]
                 waiting = waiting[len(take):]
                 plans.append(Plan(Stage.ENCODE, [r.request_id for r in take], lane))
             elif running:
-                limit = view.batch_limit(Stage.DENOISE, running[0].shape, lane)
-                batch = take_batch(running, running[0].shape, limit) if self.batch else running[:1]
+                limit = view.batch_limit(Stage.DENOISE, running[0].key, lane)
+                batch = take_batch(running, running[0].key, limit) if self.batch else running[:1]
                 plans.append(Plan(Stage.DENOISE, [r.request_id for r in batch], lane, view.steps_per_task))
         return plans
 

@@ -13,8 +13,9 @@ from functools import cached_property
 from typing import ClassVar
 
 from engine.messages import Stage
-from engine.request import Request, ShapeKey
-from engine.scheduler.memory import MemoryModel, image_tokens
+from engine.model_info import BatchKey
+from engine.request import Request
+from engine.scheduler.memory import MemoryModel
 
 
 @dataclass
@@ -60,10 +61,12 @@ class SchedulerView:
     headroom: dict[int, int] = field(default_factory=dict)
     # Predicts a task's activation memory (memory.py); None: no memory admission.
     memory: MemoryModel | None = None
+    # False: a request's state cannot leave the ranks that hold it (plans moving it are dropped).
+    state_transfer: bool = True
 
     def waiting(self) -> list[Request]:
         """Requests not yet encoded (no state anywhere)."""
-        return [r for r in self.requests if r.location is None]
+        return [r for r in self.requests if r.stage == Stage.ENCODE]
 
     def on_rank(self, rank: int, *, denoised: bool) -> list[Request]:
         """Idle requests whose state lives on ``rank`` alone, still denoising or ready to decode."""
@@ -71,7 +74,8 @@ class SchedulerView:
 
     def on_group(self, group: tuple[int, ...], *, denoised: bool) -> list[Request]:
         """Idle requests whose state lives exactly on ``group``."""
-        return [r for r in self.requests if r.location == group and r.denoised == denoised]
+        stage = Stage.DECODE if denoised else Stage.DENOISE
+        return [r for r in self.requests if r.location == group and r.stage == stage]
 
     def load(self, rank: int) -> int:
         return self.resident_images.get(rank, 0)
@@ -83,24 +87,22 @@ class SchedulerView:
         """Ranks a multi-rank group takes last: interfered or slowed."""
         return set(self.interfered) | {rank for rank, speed in self.rank_speed.items() if speed < 1.0}
 
-    def batch_limit(self, stage: Stage, shape: ShapeKey, group: tuple[int, ...]) -> int:
-        """Most images of ``shape`` in one ``stage`` task on ``group``: ``max_batch_size``,
+    def batch_limit(self, stage: Stage, key: BatchKey, group: tuple[int, ...]) -> int:
+        """Most images of batch ``key`` in one ``stage`` task on ``group``: ``max_batch_size``,
         capped by ``max_batch_tokens`` (denoise) and so the predicted activation memory fits
         every member's headroom. Where a member's headroom is known but the stage's memory
         is not yet, one request."""
         limit = self.max_batch_size
         degree = len(group) if stage == Stage.DENOISE else 1
         if stage == Stage.DENOISE and self.max_batch_tokens is not None:
-            tokens = self.memory.tokens(shape) if self.memory is not None else image_tokens(shape)
-            rows_tokens = tokens * (2 if shape.cfg else 1) / degree
-            limit = min(limit, max(1, int(self.max_batch_tokens // rows_tokens)))
+            limit = min(limit, max(1, int(self.max_batch_tokens // (key.token_rows / degree))))
         if self.memory is None:
             return limit
         for rank in group:
             headroom = self.headroom.get(rank)
             if headroom is None:
                 continue
-            fits = self.memory.max_images(stage, shape, degree, headroom)
+            fits = self.memory.max_images(stage, key, degree, headroom)
             limit = min(limit, 1 if fits is None else fits)
         return limit
 
@@ -116,21 +118,21 @@ class SchedulerView:
         headroom = self.headroom.get(rank)
         need = None
         if headroom is not None and self.memory is not None:
-            need = self.memory.activation_bytes(Stage.DENOISE, request.shape, request.n, 1)
+            need = self.memory.activation_bytes(Stage.DENOISE, request.key, request.n, 1)
         if rank not in self.nearly_full and (need is None or need <= headroom):  # type: ignore[operator]
             return True
         return not self.memory_will_free
 
 
-def take_batch(candidates: Iterable[Request], shape: ShapeKey, max_images: int) -> list[Request]:
-    """Requests of ``shape`` in the given order while their images fit in ``max_images``.
+def take_batch(candidates: Iterable[Request], key: BatchKey, max_images: int) -> list[Request]:
+    """Requests of batch ``key`` in the given order while their images fit in ``max_images``.
 
     The first request always fits, so a request with n > max_images still runs alone.
     """
     batch: list[Request] = []
     images = 0
     for r in candidates:
-        if r.shape != shape:
+        if r.key != key:
             continue
         if batch and images + r.n > max_images:
             continue

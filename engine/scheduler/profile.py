@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.model_info import LatentSpec
+
 SCHEMA_VERSION = 1
 STAGES = ("encode", "denoise", "decode")
 PROFILES_DIR = Path(__file__).with_name("profiles")
@@ -84,8 +86,13 @@ class Profile:
     migration: MigrationSpec = field(default_factory=MigrationSpec)
     notes: tuple[str, ...] = ()
 
+    @property
+    def latent(self) -> LatentSpec:
+        """The measured model's token geometry, as far as the profile records it."""
+        return LatentSpec(channels=1, spatial_compression=self.size_multiple, patch_size=1)
+
     def tokens(self, width: int, height: int) -> int:
-        return (width // self.size_multiple) * (height // self.size_multiple)
+        return self.latent.image_tokens(height, width)
 
     # ----- JSON --------------------------------------------------------------------
     @classmethod

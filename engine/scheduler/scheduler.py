@@ -55,7 +55,8 @@ class _RunningTask:
 class Scheduler:
     def __init__(self, policy: Policy, num_workers: int, max_batch_size: int = 16,
                  steps_per_task: int = 1, max_retries: int = 1, degrees: tuple[int, ...] = (1,),
-                 memory: MemoryModel | None = None, max_batch_tokens: int | None = None) -> None:
+                 memory: MemoryModel | None = None, max_batch_tokens: int | None = None,
+                 state_transfer: bool = True) -> None:
         if num_workers < 1 or max_batch_size < 1 or steps_per_task < 1:
             raise ValueError("num_workers, max_batch_size and steps_per_task must be >= 1")
         self.policy = policy
@@ -64,11 +65,13 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.steps_per_task = steps_per_task
         self.max_retries = max_retries
+        # False where a request's state cannot leave its worker (the whole-pipeline
+        # fallback): plans that would move it are not started.
+        self.state_transfer = state_transfer
         # Sequence-parallel degrees the model allows (its heads divide by them).
         self.degrees = tuple(d for d in degrees if d <= num_workers) or (1,)
         policy.validate(num_workers, self.degrees)
         self.requests: dict[str, Request] = {}
-        self.busy: set[int] = set()
         self.dead: set[int] = set()
         self.last_stage: dict[int, Stage] = {}
         self._running: dict[int, _RunningTask] = {}
@@ -106,6 +109,11 @@ class Scheduler:
 
     # ----- tasks out ---------------------------------------------------------------
     @property
+    def busy(self) -> set[int]:
+        """Ranks a running task still waits on."""
+        return {rank for running in self._running.values() for rank in running.waiting_on}
+
+    @property
     def free_workers(self) -> list[int]:
         return [w for w in range(self.num_workers) if w not in self.busy and w not in self.dead]
 
@@ -125,14 +133,20 @@ class Scheduler:
                 requests=idle, resident_images=self._resident_images(), last_stage=dict(self.last_stage),
                 degrees=self.degrees, running=running, rank_speed={**devices.rank_speed, **self.rank_speed},
                 interfered=devices.interfered, nearly_full=devices.nearly_full, headroom=self._headroom(),
-                memory=self.memory, max_batch_tokens=self.max_batch_tokens)
+                memory=self.memory, max_batch_tokens=self.max_batch_tokens, state_transfer=self.state_transfer)
             for plan in self.policy.plan(view):
+                if not self.state_transfer and self._moves_state(plan):
+                    continue
                 admitted = admit(plan, view, self.requests)
                 if admitted is not None:
                     out.tasks.append(self._start(admitted, now))
                 self.admission_cuts += len(plan.request_ids) - (len(admitted.request_ids) if admitted else 0)
         out.frees, self._frees = self._frees, []
         return out
+
+    def _moves_state(self, plan: Plan) -> bool:
+        return plan.stage != Stage.ENCODE and any(
+            rid in self.requests and self.requests[rid].location != tuple(plan.group) for rid in plan.request_ids)
 
     def _headroom(self) -> dict[int, int]:
         """Bytes a task may allocate per rank: the device's free memory, plus what the
@@ -151,7 +165,7 @@ class Scheduler:
         if not requests:
             return None
         degree = len(task.group) if task.stage == Stage.DENOISE else 1
-        return self.memory.activation_bytes(task.stage, requests[0].shape, sum(r.n for r in requests), degree)
+        return self.memory.activation_bytes(task.stage, requests[0].key, sum(r.n for r in requests), degree)
 
     def _resident_images(self) -> dict[int, int]:
         load: dict[int, int] = {}
@@ -184,7 +198,6 @@ class Scheduler:
                 self._frees.extend((rank, [rid]) for rank in frees)
                 # Every member of the group holds the full state once the task has run.
                 request.location = group
-        self.busy.update(task.members)
         self.last_stage.update(dict.fromkeys(task.members, task.stage))
         self._running[task.task_id] = _RunningTask(task, set(task.members))
         return task
@@ -201,12 +214,9 @@ class Scheduler:
             request = self.requests.get(rid)
             if request is None or request.in_flight or request.status.is_finished:
                 raise RuntimeError(f"policy {self.policy.name} planned request {rid} that is not idle")
-            expected = {Stage.ENCODE: request.location is None,
-                        Stage.DENOISE: request.location is not None and not request.denoised,
-                        Stage.DECODE: request.denoised}[plan.stage]
-            if not expected:
+            if request.stage != plan.stage:
                 raise RuntimeError(f"policy {self.policy.name} planned {plan.stage.name} for {request}")
-            shapes.add(request.shape)
+            shapes.add(request.key)
         if plan.stage != Stage.ENCODE and len(shapes) > 1:
             raise RuntimeError(f"policy {self.policy.name} batched different shapes: {shapes}")
         if plan.stage == Stage.DENOISE and len(plan.group) not in self.degrees:
@@ -221,7 +231,6 @@ class Scheduler:
             return []
         self._learn_memory(running.task, result, now)
         running.waiting_on.discard(result.rank)
-        self.busy.discard(result.rank)
         if result.rank == running.task.group[0]:
             running.leader_result = result
         if running.waiting_on:
@@ -241,7 +250,7 @@ class Scheduler:
         requests = [self.requests[rid] for rid in task.request_ids if rid in self.requests]
         if requests:
             degree = len(task.group) if task.stage == Stage.DENOISE else 1
-            self.memory.learn(task.stage, requests[0].shape, sum(r.n for r in requests), degree,
+            self.memory.learn(task.stage, requests[0].key, sum(r.n for r in requests), degree,
                               result.peak_memory_bytes - result.start_memory_bytes)
 
     def _apply(self, task: Task, result: TaskResult | None, now: float) -> list[RequestUpdate]:
@@ -280,7 +289,6 @@ class Scheduler:
             request.location = task.group
             request.status = RequestStatus.RUNNING
         request.step = item.step
-        request.denoised = request.step >= request.num_steps
         return RequestUpdate(request, UpdateKind.PROGRESS, item)
 
     # ----- failures ----------------------------------------------------------------
@@ -289,12 +297,10 @@ class Scheduler:
         (their images are seeded, so they come out the same) up to ``max_retries`` times;
         then they fail with ``message``."""
         self.dead.add(rank)
-        self.busy.discard(rank)
         lost: set[str] = set()
         for task_id, running in list(self._running.items()):
             if rank in running.task.members:
                 del self._running[task_id]
-                self.busy.difference_update(running.waiting_on)
                 lost.update(running.task.request_ids)
         updates = []
         for request in list(self.requests.values()):
@@ -315,7 +321,6 @@ class Scheduler:
             self._free_state(request)
             request.status = RequestStatus.WAITING
             request.step = 0
-            request.denoised = False
             updates.append(RequestUpdate(request, UpdateKind.RESTARTED))
         return updates
 

@@ -51,19 +51,19 @@ class DeadlineBook:
         self.slo_factor = slo_factor
         self.deadline: dict[str, float] = {}
         self.late: set[str] = set()
-        self._shapes: dict[tuple[int, int, int], ShapeCost] = {}
+        self._shapes: dict[tuple[int, int], ShapeCost] = {}
         self._order_key: dict[str, tuple] = {}
         self._classify([*view.requests, *view.running])
 
     # ----- predictions -------------------------------------------------------------
     def tokens(self, r: Request) -> int:
-        return self.cm.tokens(r.shape.width, r.shape.height)
+        return r.tokens
 
     def cost(self, r: Request, images: int | None = None) -> ShapeCost:
-        key = (r.shape.width, r.shape.height, r.n if images is None else images)
+        key = (r.tokens, r.n if images is None else images)
         found = self._shapes.get(key)
         if found is None:
-            t, n = self.cm.tokens(key[0], key[1]), key[2]
+            t, n = key
             steps = {d: self.cm.step_s(t, n, d) for d in self.degrees}
             found = self._shapes[key] = ShapeCost(
                 self.cm.stage_s(Stage.ENCODE, t, n), self.cm.stage_s(Stage.DECODE, t, n), steps,
@@ -92,11 +92,11 @@ class DeadlineBook:
     @staticmethod
     def _stages_s(r: Request, cost: ShapeCost) -> float:
         """Encode (if still to do) and decode: one rank each, whatever the degree."""
-        return cost.decode_s + (cost.encode_s if r.location is None else 0.0)
+        return cost.decode_s + (cost.encode_s if r.stage == Stage.ENCODE else 0.0)
 
     @staticmethod
     def _steps_left(r: Request) -> int:
-        return 0 if r.denoised else r.num_steps - r.step
+        return max(0, r.num_steps - r.step)
 
     def slack(self, r: Request, degree: int, images: int | None = None, speed: float = 1.0) -> float:
         """Seconds to spare if ``r`` ran from now on at ``degree`` (negative: it would miss)."""

@@ -64,7 +64,7 @@ class PolicyResult:
 
 def run_policies(specs: Sequence[PolicySpec], cost_model: CostModel, num_gpus: int,
                  workload: Sequence[WorkloadRequest], saturated: Sequence[WorkloadRequest] = (), *,
-                 max_batch_size: int = 16, jitter: float = 0.0, seed: int = 0,
+                 max_batch_size: int = 16, max_batch_tokens: int | None = None, jitter: float = 0.0, seed: int = 0,
                  speed: SpeedFn | None = None, observe: ObserveFn | None = None,
                  make_observe: Callable[[], ObserveFn] | None = None) -> list[PolicyResult]:
     """``make_observe`` gives each run a fresh ``observe`` hook (telemetry keeps state)."""
@@ -74,7 +74,8 @@ def run_policies(specs: Sequence[PolicySpec], cost_model: CostModel, num_gpus: i
         if not requests:
             return None
         policy = make_policy(spec.name, cost_model=cost_model, **spec.options)
-        sim = Simulator(policy, cost_model, num_gpus, max_batch_size=max_batch_size, degrees=degrees,
+        sim = Simulator(policy, cost_model, num_gpus, max_batch_size=max_batch_size,
+                        max_batch_tokens=max_batch_tokens, degrees=degrees,
                         speed=speed, observe=make_observe() if make_observe is not None else observe,
                         jitter=jitter, seed=seed)
         return sim.run(requests)

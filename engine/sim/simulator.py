@@ -29,12 +29,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from engine.config import SchedulerConfig
 from engine.messages import ItemResult, Stage, Task, TaskResult
-from engine.request import ImageParams, Request, ShapeKey
+from engine.model_info import ModelInfo
+from engine.params import ImageParams
+from engine.request import Request
 from engine.scheduler.cost_model import CostModel
 from engine.scheduler.device_state import DeviceState
+from engine.scheduler.factory import make_scheduler
 from engine.scheduler.policy import Policy
-from engine.scheduler.scheduler import Scheduler, UpdateKind
+from engine.scheduler.scheduler import UpdateKind
 from engine.sim.report import RequestRecord, ServingMetrics
 from engine.sim.workload import WorkloadRequest
 
@@ -75,14 +79,36 @@ class SimResult:
         return sum(self.busy_s.values()) / span if span > 0 else math.nan
 
 
+def simulated_model(cost_model: CostModel) -> ModelInfo:
+    """The ModelInfo of the model a profile measured, as far as scheduling needs it.
+
+    Tokens follow the profile's pixels per token side; a profile measured on a CPU gets
+    the CPU's batch caps. Its heads are the least number every measured degree divides:
+    the degrees themselves come from the profile.
+    """
+    profile = cost_model.profile
+    return ModelInfo(
+        name=profile.model, family="simulated", default_width=512, default_height=512,
+        default_steps=profile.default_steps, default_guidance=4.0,
+        latent=profile.latent,
+        max_size=1 << 16, num_heads=math.lcm(*cost_model.degrees), guidance="cfg",
+        device="cpu" if profile.device.lower().startswith("cpu") else "cuda", dtype="bfloat16")
+
+
 class Simulator:
+    """``max_batch_size``, ``max_batch_tokens`` and ``steps_per_task`` are the engine's
+    scheduler options (None: the engine's default for the profile's device)."""
+
     def __init__(self, policy: Policy, cost_model: CostModel, num_workers: int, *, max_batch_size: int = 16,
                  steps_per_task: int = 1, degrees: Sequence[int] | None = None, speed: SpeedFn | None = None,
-                 observe: ObserveFn | None = None, jitter: float = 0.0, seed: int = 0) -> None:
+                 observe: ObserveFn | None = None, jitter: float = 0.0, seed: int = 0,
+                 max_batch_tokens: int | None = None, model: ModelInfo | None = None) -> None:
         self.cost_model = cost_model
-        degrees = tuple(degrees) if degrees is not None else cost_model.degrees
-        self.scheduler = Scheduler(policy, num_workers, max_batch_size=max_batch_size,
-                                   steps_per_task=steps_per_task, degrees=degrees)
+        self.model = model or simulated_model(cost_model)
+        config = SchedulerConfig(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                                 steps_per_task=steps_per_task)
+        self.scheduler = make_scheduler(self.model, config, num_workers, policy=policy,
+                                        degrees=cost_model.degrees if degrees is None else degrees)
         self.num_workers = num_workers
         self.speed = speed
         self.observe = observe
@@ -105,7 +131,7 @@ class Simulator:
             while events and events[0][0] == now:
                 _, _, item = heapq.heappop(events)
                 if isinstance(item, WorkloadRequest):
-                    sched.add_request(_request(item))
+                    sched.add_request(self._request(item))
                     continue
                 for update in self._complete(*item, now):
                     w = meta[update.request.request_id]
@@ -138,13 +164,12 @@ class Simulator:
 
     def _duration(self, task: Task, now: float) -> float:
         cm, requests = self.cost_model, self.scheduler.requests
-        first = requests[task.request_ids[0]]
-        tokens = cm.tokens(first.shape.width, first.shape.height)
+        tokens = requests[task.request_ids[0]].tokens
         images = sum(requests[rid].n for rid in task.request_ids)
         seconds = cm.stage_s(task.stage, tokens, images, len(task.group))
         for m in task.migrations:
             r = requests[m.request_id]
-            seconds += cm.migration_s(cm.tokens(r.shape.width, r.shape.height), r.n)
+            seconds += cm.migration_s(r.tokens, r.n)
         if self.speed is not None:
             seconds /= min(self.speed(rank, now) for rank in task.group)
         if self.jitter:
@@ -158,11 +183,17 @@ class Simulator:
         for m in task.migrations:
             if m.src not in task.group:
                 r = requests[m.request_id]
-                seconds = cm.migration_s(cm.tokens(r.shape.width, r.shape.height), r.n)
+                seconds = cm.migration_s(r.tokens, r.n)
                 if self.speed is not None:
                     seconds /= self.speed(m.src, now)
                 sent[m.src] = sent.get(m.src, 0.0) + seconds
         return sent
+
+    def _request(self, w: WorkloadRequest) -> Request:
+        params = ImageParams(n=w.n, width=w.width, height=w.height, num_inference_steps=w.steps,
+                             guidance_scale=4.0, seed=w.seed, priority=w.priority, deadline_s=w.deadline_s)
+        rid = str(w.index)
+        return Request(rid, w.prompt, params, self.model.batch_key(params, rid), w.arrival_s)
 
     def _complete(self, task: Task, ranks: tuple[int, ...], now: float):
         """These members answer; the leader carries the items, as a worker would. A rank
@@ -181,9 +212,3 @@ class Simulator:
             result = TaskResult(task.task_id, rank, items if rank == task.group[0] else [])
             updates += self.scheduler.on_result(result, now)
         return [u for u in updates if u.kind in (UpdateKind.FINISHED, UpdateKind.FAILED)]
-
-
-def _request(w: WorkloadRequest) -> Request:
-    params = ImageParams(n=w.n, width=w.width, height=w.height, num_inference_steps=w.steps, guidance_scale=4.0,
-                         seed=w.seed, priority=w.priority, deadline_s=w.deadline_s)
-    return Request(str(w.index), w.prompt, params, ShapeKey(w.width, w.height, True), w.arrival_s)

@@ -8,10 +8,12 @@ import pytest
 from engine import AsyncEngine, ImageParams
 from engine.async_engine import load_cost_model
 from engine.messages import ModelInfo
+from engine.model_info import LatentSpec
 from engine.scheduler.profile import Point, Profile
 
 INFO = ModelInfo(name="small-pixart", family="pixart", default_width=512, default_height=512, default_steps=20,
-                 default_guidance=4.5, size_multiple=16, max_size=4096, num_heads=8, uses_cfg=True, device="cpu",
+                 default_guidance=4.5, latent=LatentSpec(channels=4, spatial_compression=8, patch_size=2),
+                 max_size=4096, num_heads=8, guidance="cfg", device="cpu",
                  dtype="float32")
 
 

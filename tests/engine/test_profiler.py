@@ -8,6 +8,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.executor.base import Executor
 from engine.messages import ItemResult, ModelInfo, Stage, Task, TaskResult
+from engine.model_info import LatentSpec
 from engine.profiler import Profiler, ProfileSpec, parse_sizes
 from engine.scheduler.cost_model import CostModel
 
@@ -48,8 +49,9 @@ class FakeExecutor(Executor):
 
         self.loop, self.on_result = asyncio.get_running_loop(), on_result
         return ModelInfo(name="fake", family="pixart", default_width=256, default_height=256, default_steps=12,
-                         default_guidance=4.5, size_multiple=16, max_size=2048, num_heads=self.heads,
-                         uses_cfg=True, device="cpu", dtype="float32")
+                         default_guidance=4.5, latent=LatentSpec(channels=4, spatial_compression=8, patch_size=2),
+                         max_size=2048, num_heads=self.heads,
+                         guidance="cfg", device="cpu", dtype="float32")
 
     def submit(self, task: Task) -> None:
         self.tasks.append(task)

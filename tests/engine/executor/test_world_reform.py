@@ -14,9 +14,11 @@ from engine.executor.multiproc import MultiprocExecutor
 from engine.executor.protocol import Joined, JoinFailed, JoinWorld, to_worker_decoder
 from engine.executor.worker_handle import WorkerStartError
 from engine.messages import ModelInfo, Stage, Task, TaskResult
+from engine.model_info import LatentSpec
 
 INFO = ModelInfo(name="fake", family="pixart", default_width=64, default_height=64, default_steps=2,
-                 default_guidance=4.5, size_multiple=16, max_size=256, num_heads=2, uses_cfg=True,
+                 default_guidance=4.5, latent=LatentSpec(channels=4, spatial_compression=8, patch_size=2),
+                 max_size=256, num_heads=2, guidance="cfg",
                  device="cpu", dtype="float32")
 
 

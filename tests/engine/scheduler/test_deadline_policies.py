@@ -145,7 +145,7 @@ def test_every_request_finishes_through_the_real_scheduler(name):
             sched.add_request(pending.pop(0))
         for task in sched.schedule(now).tasks:
             r = sched.requests[task.request_ids[0]]
-            tokens = cm.tokens(r.shape.width, r.shape.height)
+            tokens = r.tokens
             running.append((now + cm.stage_s(task.stage, tokens, len(task.request_ids), len(task.group)), task))
             if task.stage == Stage.DENOISE:
                 degrees.add(len(task.group))

@@ -6,17 +6,20 @@ import sys
 import pytest
 
 from engine.messages import ItemResult, Stage, TaskResult
-from engine.request import ImageParams, Request, RequestStatus, ShapeKey
+from engine.params import ImageParams
+from engine.request import Request, RequestStatus
 from engine.scheduler.policies import FCFSPolicy, SRTFPolicy, StaticPolicy, make_policy
 from engine.scheduler.policy import Plan, Policy, SchedulerView
 from engine.scheduler.scheduler import Scheduler, UpdateKind
+from tests.scheduling_helpers import pixel_size, shape_key
 
-A = ShapeKey(256, 256, True)
-B = ShapeKey(512, 512, True)
+A = shape_key(256, 256)
+B = shape_key(512, 512)
 
 
 def make_request(rid, arrival=0.0, steps=4, n=1, shape=A, priority=0):
-    params = ImageParams(n=n, width=shape.width, height=shape.height, num_inference_steps=steps,
+    width, height = pixel_size(shape)
+    params = ImageParams(n=n, width=width, height=height, num_inference_steps=steps,
                          guidance_scale=4.5, seed=0, priority=priority)
     return Request(rid, "a prompt", params, shape, arrival)
 

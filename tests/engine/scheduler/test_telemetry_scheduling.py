@@ -90,7 +90,7 @@ def test_new_requests_with_tight_deadlines_are_not_encoded_on_a_slowed_device():
 
 # ----- memory ---------------------------------------------------------------------------
 def test_the_memory_model_learns_bytes_per_token_row_and_extrapolates_safely():
-    model = MemoryModel(size_multiple=16, margin=1.0)
+    model = MemoryModel(margin=1.0)
     assert model.activation_bytes(Stage.DENOISE, S, 1) is None and model.max_images(Stage.DENOISE, S, 1, GiB) is None
     # 512x512 with CFG: 1024 tokens x 2 rows per image; a batch of 2 used 4 MiB per unit... 4096 units.
     model.learn(Stage.DENOISE, S, 2, 1, 4096 * MiB)

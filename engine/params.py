@@ -1,0 +1,149 @@
+"""What a user asks for: ImageParams (like vLLM's SamplingParams), its bounds, and its errors.
+
+Pure (msgspec, no torch): the API server, the batch runner and the engine validate with it,
+and the resolved copy travels to the workers inside their messages.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Protocol
+
+import msgspec
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
+MAX_SEED = 2**63 - 1
+# true_cfg_scale: 1 turns true CFG off; past 100 a prediction is pure extrapolation noise.
+TRUE_CFG_RANGE = (1.0, 100.0)
+
+
+class ModelDefaults(Protocol):
+    """What ``ImageParams.resolve`` reads of a model (engine/model_info.py's ModelInfo)."""
+
+    name: str
+    default_width: int
+    default_height: int
+    default_steps: int
+    default_guidance: float
+    default_true_cfg_scale: float | None
+    max_size: int
+    previews: bool
+
+    @property
+    def size_multiple(self) -> int: ...
+
+
+class InvalidParamsError(ValueError):
+    """A request parameter is out of bounds; ``param`` names it (the API's 400 ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ImageParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How to generate images for one prompt; like vLLM's SamplingParams.
+
+    Fields left as None take the model's defaults when the engine admits the request
+    (``resolve``); the resolved copy travels to the workers and back in the output.
+    ``seed`` None draws a fresh seed, reported in the output so the image can be remade.
+    Which guidance parameter applies is the model's (``ModelInfo.guidance``):
+    ``guidance_scale`` for CFG and guidance-embedded families, ``true_cfg_scale`` (with a
+    negative prompt, an empty one counts) for true-CFG families; the others ignore it.
+    """
+
+    negative_prompt: str | None = None
+    n: int = 1
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    # True classifier-free guidance (Qwen-Image): on when > 1 and a negative prompt is
+    # given. None: the model's default; families without true CFG ignore it.
+    true_cfg_scale: float | None = None
+    seed: int | None = None
+    # png / jpeg / webp are encoded in the worker; raw is uint8 RGB (the Python API's default).
+    # None: png, or raw through the Python API.
+    output_format: str | None = None
+    output_compression: int | None = None
+    # Number of previews of the latents sent while denoising (the API's stream partial_images).
+    partial_images: int = 0
+    # Attach the final latents (float32) to the output; for tests and research.
+    return_latents: bool = False
+    # Scheduling hints: higher priority first; deadline in seconds after arrival.
+    priority: int = 0
+    deadline_s: float | None = None
+
+    def resolve(self, info: ModelDefaults, limits: Limits) -> ImageParams:
+        """Fill defaults from the model and check every bound; raises InvalidParamsError."""
+        width = info.default_width if self.width is None else self.width
+        height = info.default_height if self.height is None else self.height
+        steps = info.default_steps if self.num_inference_steps is None else self.num_inference_steps
+        guidance = info.default_guidance if self.guidance_scale is None else self.guidance_scale
+        true_cfg = info.default_true_cfg_scale if self.true_cfg_scale is None else self.true_cfg_scale
+        seed = secrets.randbits(63) if self.seed is None else self.seed
+        _check_int("n", self.n, 1, limits.max_n)
+        multiple = info.size_multiple
+        for name, value in (("width", width), ("height", height)):
+            _check_int(name, value, multiple, min(limits.max_size, info.max_size))
+            if value % multiple:
+                raise InvalidParamsError(
+                    f"{name} must be a multiple of {multiple} for model {info.name}, got {value}", name)
+        _check_int("num_inference_steps", steps, 1, limits.max_steps)
+        _check_number("guidance_scale", guidance, 0.0, 100.0)
+        if true_cfg is not None:
+            _check_number("true_cfg_scale", true_cfg, *TRUE_CFG_RANGE)
+        _check_int("seed", seed, 0, MAX_SEED)
+        output_format = "png" if self.output_format is None else self.output_format
+        if output_format not in OUTPUT_FORMATS:
+            raise InvalidParamsError(
+                f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}",
+                "output_format")
+        if self.output_compression is not None:
+            _check_int("output_compression", self.output_compression, 0, 100)
+        _check_int("partial_images", self.partial_images, 0, 3)
+        if self.partial_images > steps:
+            raise InvalidParamsError("partial_images cannot exceed num_inference_steps", "partial_images")
+        if self.partial_images and not info.previews:
+            raise InvalidParamsError(f"model {info.name} makes no partial images", "partial_images")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise InvalidParamsError("negative_prompt must be a string", "negative_prompt")
+        if self.negative_prompt is not None and len(self.negative_prompt) > limits.max_prompt_chars:
+            raise InvalidParamsError(
+                f"negative_prompt is longer than {limits.max_prompt_chars} characters", "negative_prompt")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise InvalidParamsError("deadline_s must be positive", "deadline_s")
+        return msgspec.structs.replace(
+            self, width=width, height=height, num_inference_steps=steps, guidance_scale=float(guidance),
+            true_cfg_scale=None if true_cfg is None else float(true_cfg), seed=seed, output_format=output_format)
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """Bounds on what one request may ask (engine options)."""
+
+    max_n: int = 10
+    max_size: int = 4096
+    max_steps: int = 200
+    max_prompt_chars: int = 8192
+
+
+def check_prompt(prompt: object, limits: Limits) -> str:
+    if not isinstance(prompt, str):
+        raise InvalidParamsError(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
+    if not prompt.strip():
+        raise InvalidParamsError("prompt must not be empty", "prompt")
+    if len(prompt) > limits.max_prompt_chars:
+        raise InvalidParamsError(f"prompt is longer than {limits.max_prompt_chars} characters", "prompt")
+    return prompt
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidParamsError(f"{name} must be an integer, got {value!r}", name)
+    if not low <= value <= high:
+        raise InvalidParamsError(f"{name} must be between {low} and {high}, got {value}", name)
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidParamsError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}", name)
