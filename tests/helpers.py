@@ -28,6 +28,8 @@ def pipeline_reference(pipe, prompt: str, params: ImageParams) -> tuple[torch.Te
         kwargs["negative_prompt"] = params.negative_prompt
     if name.startswith("QwenImage"):
         kwargs["true_cfg_scale"] = params.true_cfg_scale
+        if not pipe.transformer.config.guidance_embeds:  # the pipeline ignores it, with a warning
+            kwargs["guidance_scale"] = None
     if name.startswith("ZImage"):
         kwargs["cfg_normalization"] = params.cfg_normalization or False
         kwargs["cfg_truncation"] = 1.0 if params.cfg_truncation is None else params.cfg_truncation
