@@ -3,11 +3,13 @@ gfdit generate with the hub ids (from an offline hub cache)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -140,3 +142,39 @@ def test_gfdit_generate_loads_the_hub_ids_as_qwen_image(tmp_path, preset_pipelin
     ref = reference(preset_pipelines, "tiny-qwen-image", "a red fox", num_inference_steps=2, seed=5,
                     negative_prompt="", true_cfg_scale=2.5)
     assert_close(np.asarray(Image.open(target).convert("RGB"))[None], ref)
+
+
+@pytest.mark.slow
+async def test_gfdit_serve_on_two_worker_processes_serves_z_image_and_exits_0_on_sigterm(preset_pipelines):
+    from tests.entrypoints.test_cli_serve import post, start_server
+
+    proc, url = await start_server("tiny-z-image", "--device", "cpu", "--num-workers", "2")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=240)) as session:
+            bodies = [{"prompt": p, "size": "64x64", "num_inference_steps": 3, "seed": i, "cfg_truncation": 0.5}
+                      for i, p in enumerate(["a red fox", "a castle over the sea at night"])]
+            answers = await asyncio.gather(*(post(session, url, body) for body in bodies))
+        for (status, answer), body in zip(answers, bodies):
+            assert status == 200, answer
+            pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"]))).convert("RGB"))
+            assert_close(pixels, reference(preset_pipelines, "tiny-z-image", body["prompt"], num_inference_steps=3,
+                                           seed=body["seed"], cfg_truncation=0.5)[0])
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await proc.wait(60) == 0, proc.output
+    finally:
+        await proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-qwen-image", "tiny-z-image"])
+def test_gfdit_profile_measures_both_degrees_on_two_workers(preset, tmp_path):
+    from engine.scheduler.cost_model import CostModel
+
+    target = tmp_path / "profile.json"
+    out = subprocess.run([sys.executable, "-m", "entrypoints.cli", "profile", preset, "--sizes", "64",
+                          "--batch-sizes", "1,2", "--cycles", "1", "--steps", "1", "--num-workers", "2",
+                          "--degrees", "1,2", "-o", str(target)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    cost_model = CostModel.load(target)
+    assert cost_model.degrees == (1, 2) and cost_model.profile.migration.measured
+    assert cost_model.step_s(cost_model.tokens(64, 64), 1, 2) > 0
