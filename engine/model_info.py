@@ -158,7 +158,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
         return BatchKey(
             model=self.name, latent_shape=shape,
             guidance=self.guidance if self.guided(params) else "none",
-            solo="" if self.step_batching else request_id, tokens=self.latent.tokens(shape))
+            solo="" if self.step_batching else request_id, tokens=self.latent.tokens(shape),
+            adapter="+".join(sorted(r.name for r in params.loras)) or None)
 
     def degrees(self, num_workers: int) -> tuple[int, ...]:
         """Sequence-parallel degrees a step may run at: Ulysses splits the heads over the

@@ -23,6 +23,7 @@ The adapter calls the pipeline's own methods (``encode_prompt``, ``prepare_laten
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from engine.model_info import LatentSpec, ModelInfo
+from engine.models.lora import LoraStore, row_loras
 from engine.models.registry import FAMILIES
 from engine.params import ImageParams
 from engine.prompt_limit import PromptLimit
@@ -118,6 +120,8 @@ class DiTAdapter(ABC):
         self.attention_backend = "sdpa"
         self.vae_pixels_per_call = 2**26 if self.device.type == "cuda" else 4 * 256 * 256
         self._info: ModelInfo | None = None
+        # Resident LoRA adapters, applied per row inside denoise (engine/models/lora.py).
+        self.lora = LoraStore(self.transformer, self.pipeline_class)
 
     # ----- description -------------------------------------------------------------
     @property
@@ -268,7 +272,8 @@ class DiTAdapter(ABC):
             latents = torch.cat([latents, latents])
             timesteps = torch.cat([timesteps, timesteps])
             guidance = torch.cat([guidance, guidance])
-        noise = self._postprocess_noise(self._forward(latents, timesteps, embeds, states, guidance))
+        with self._lora_rows(states, use_cfg):
+            noise = self._postprocess_noise(self._forward(latents, timesteps, embeds, states, guidance))
         if use_cfg:
             uncond_noise, cond_noise = noise.chunk(2)
         row = 0
@@ -282,6 +287,13 @@ class DiTAdapter(ABC):
             t = s.timesteps[s.step]
             s.latents = s.scheduler.step(noise_i, t, s.latents, **s.step_kwargs, return_dict=False)[0]
             s.step += 1
+
+    def _lora_rows(self, states: list[RequestState], use_cfg: bool) -> contextlib.AbstractContextManager:
+        """The call's per-row adapters, or nothing when no request in it names one."""
+        groups = [(s.n, s.params.loras) for s in states]
+        if not any(refs for _, refs in groups):
+            return contextlib.nullcontext()
+        return self.lora.rows(row_loras(groups, use_cfg), self.device, self.dtype)
 
     def combine_guidance(self, state: RequestState, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """One request's guided prediction from its unconditional and conditional ones."""

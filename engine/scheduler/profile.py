@@ -88,6 +88,9 @@ class Profile:
     migration: MigrationSpec = field(default_factory=MigrationSpec)
     notes: tuple[str, ...] = ()
     family: str = ""
+    # How much a denoise step's per-image work grows for an image that runs LoRA rows (0.1:
+    # 10% more); measured by benchmarks/benchmark_lora.py (its lora_overhead minus 1).
+    lora_overhead: float = 0.0
 
     @property
     def latent(self) -> LatentSpec:
@@ -111,9 +114,12 @@ class Profile:
                           default_steps=int(data["default_steps"]), points=points,
                           device=str(data.get("device", "")), source=str(data.get("source", "")),
                           migration=migration, notes=tuple(data.get("notes", ())),
-                          family=str(data.get("family", "")))
+                          family=str(data.get("family", "")),
+                          lora_overhead=float(data.get("lora_overhead", 0.0)))
         except (KeyError, TypeError) as exc:
             raise ProfileError(f"malformed profile: {exc!r}") from None
+        if not 0.0 <= profile.lora_overhead <= 10.0:
+            raise ProfileError(f"lora_overhead must be in [0, 10], got {profile.lora_overhead}")
         if profile.size_multiple < 1 or profile.default_steps < 1:
             raise ProfileError("size_multiple and default_steps must be >= 1")
         if not any(p.stage == "denoise" for p in points):
@@ -126,7 +132,7 @@ class Profile:
             "device": self.device, "source": self.source,
             "size_multiple": self.size_multiple, "default_steps": self.default_steps,
             "points": [asdict(p) for p in self.points],
-            "migration": asdict(self.migration), "notes": list(self.notes),
+            "migration": asdict(self.migration), "notes": list(self.notes), "lora_overhead": self.lora_overhead,
         }
 
     @classmethod
