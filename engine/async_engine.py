@@ -171,7 +171,7 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         params = self.resolve_params(params)
-        check_prompt(prompt, self.config.limits)
+        check_prompt(prompt, self.config.limits, self.model_info)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidParamsError(f"request id {request_id!r} is already in use", "request_id")

@@ -32,6 +32,8 @@ class ModelDefaults(Protocol):
     @property
     def size_multiple(self) -> int: ...
 
+    def check_prompt_tokens(self, prompt: str, param: str = "prompt") -> None: ...
+
 
 # A LoRA scale past this is no longer a fine-tune's strength but an amplified perturbation.
 MAX_LORA_SCALE = 10.0
@@ -73,6 +75,11 @@ class ImageParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     # True classifier-free guidance (Qwen-Image): on when > 1 and a negative prompt is
     # given. None: the model's default; families without true CFG ignore it.
     true_cfg_scale: float | None = None
+    # Z-Image's CFG options (other families ignore them). cfg_normalization > 0 caps the
+    # guided prediction's norm at that multiple of the conditional one's (0: off);
+    # cfg_truncation stops guidance once the normalised time passes it (1: never).
+    cfg_normalization: float | None = None
+    cfg_truncation: float | None = None
     seed: int | None = None
     # png / jpeg / webp are encoded in the worker; raw is uint8 RGB (the Python API's default).
     # None: png, or raw through the Python API.
@@ -107,6 +114,10 @@ class ImageParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         _check_number("guidance_scale", guidance, 0.0, 100.0)
         if true_cfg is not None:
             _check_number("true_cfg_scale", true_cfg, *TRUE_CFG_RANGE)
+        if self.cfg_normalization is not None:
+            _check_number("cfg_normalization", self.cfg_normalization, 0.0, 100.0)
+        if self.cfg_truncation is not None:
+            _check_number("cfg_truncation", self.cfg_truncation, 0.0, 1.0)
         _check_int("seed", seed, 0, MAX_SEED)
         output_format = "png" if self.output_format is None else self.output_format
         if output_format not in OUTPUT_FORMATS:
@@ -125,6 +136,8 @@ class ImageParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         if self.negative_prompt is not None and len(self.negative_prompt) > limits.max_prompt_chars:
             raise InvalidParamsError(
                 f"negative_prompt is longer than {limits.max_prompt_chars} characters", "negative_prompt")
+        if self.negative_prompt is not None:
+            info.check_prompt_tokens(self.negative_prompt, "negative_prompt")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise InvalidParamsError("deadline_s must be positive", "deadline_s")
         loras = _check_loras(self.loras, limits)
@@ -143,13 +156,17 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     max_loras_per_request: int = 4
 
 
-def check_prompt(prompt: object, limits: Limits) -> str:
+def check_prompt(prompt: object, limits: Limits, info: ModelDefaults | None = None) -> str:
+    """A usable prompt: a non-empty string within the character bound and, given the
+    model, within its text encoder's token limit."""
     if not isinstance(prompt, str):
         raise InvalidParamsError(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
     if not prompt.strip():
         raise InvalidParamsError("prompt must not be empty", "prompt")
     if len(prompt) > limits.max_prompt_chars:
         raise InvalidParamsError(f"prompt is longer than {limits.max_prompt_chars} characters", "prompt")
+    if info is not None:
+        info.check_prompt_tokens(prompt)
     return prompt
 
 

@@ -49,6 +49,9 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields
     guidance_scale: Annotated[float, Meta(ge=0, le=100)] | None = None
     # True CFG (Qwen-Image): on when > 1 with a negative_prompt; other families ignore it.
     true_cfg_scale: Annotated[float, Meta(ge=1, le=100)] | None = None
+    # Z-Image's CFG options (see ImageParams); other families ignore them.
+    cfg_normalization: Annotated[float, Meta(ge=0, le=100)] | None = None
+    cfg_truncation: Annotated[float, Meta(ge=0, le=1)] | None = None
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
     # LoRA adapters loaded on the server (GET /v1/loras), each with its strength.
     loras: list[LoraRef] | None = None

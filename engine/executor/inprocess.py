@@ -68,4 +68,8 @@ class InProcessExecutor(Executor):
         self._thread.submit(self._worker.free, request_ids)
 
     async def shutdown(self) -> None:
+        # Drop every state the worker still holds (a paused pipeline call unwinds), then stop.
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            self._thread.submit(lambda: worker.free(list(worker.states)))
         await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
