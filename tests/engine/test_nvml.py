@@ -162,7 +162,11 @@ async def test_a_failed_start_after_the_workers_started_stops_them():
         async def start(self, **kwargs):
             raise RuntimeError("monitor broke")
 
-    executor = FakeExecutor(2, Clock())
+    class Executor(FakeExecutor):
+        async def lora_command(self, name, path):
+            return []
+
+    executor = Executor(2, Clock())
     stopped = []
 
     async def shutdown():
