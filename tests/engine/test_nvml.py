@@ -162,11 +162,7 @@ async def test_a_failed_start_after_the_workers_started_stops_them():
         async def start(self, **kwargs):
             raise RuntimeError("monitor broke")
 
-    class Executor(FakeExecutor):
-        async def lora_command(self, name, path):
-            return []
-
-    executor = Executor(2, Clock())
+    executor = FakeExecutor(2, Clock())
     stopped = []
 
     async def shutdown():
