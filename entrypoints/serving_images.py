@@ -218,6 +218,10 @@ def _engine_errors() -> Iterator[None]:
     """The engine's ways of ending a request, as API errors."""
     try:
         yield
+    except InvalidParamsError as exc:
+        # Checks only a replica can make (its resident LoRA adapters) surface here, not at resolve.
+        raise APIError(400, str(exc), param=_API_PARAM.get(exc.param or "", exc.param),
+                       code="invalid_value") from None
     except RequestFailedError as exc:
         raise APIError(500, f"generation failed: {exc}", type="server_error", code="request_failed") from None
     except RequestAbortedError:
