@@ -136,8 +136,8 @@ def step_figures(args, paths: dict[str, Path]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny-flux")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=4)

@@ -40,3 +40,4 @@ def test_adapters_mark_the_key_but_do_not_split_batches():
     styled = MODEL.batch_key(ImageParams(width=64, height=64, guidance_scale=4.5,
                                          loras=(LoraRef(name="b"), LoraRef(name="a", scale=0.5))))
     assert plain.adapter is None and styled.adapter == "a+b" and plain == styled
+
