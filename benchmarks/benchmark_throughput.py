@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark_throughput.py --model tiny-flux --size 256 --num-requests 16
     python benchmarks/benchmark_throughput.py --model small-pixart --size 512 --num-requests 4 --steps 8
+    python benchmarks/benchmark_throughput.py --model tiny-qwen-image --size 256 --num-requests 16
 
 Both run in this process on the same device, after one warm-up request each, in
 alternating rounds (--repeats, default 2); each side's fastest round counts, so a burst
@@ -46,12 +47,17 @@ def baseline_runner(model: str, device: str) -> Callable[[list[tuple[str, ImageP
     pipe = adapter.pipe
     info = adapter.info()
     kwargs = {"use_resolution_binning": False} if info.family == "pixart" else {}
+    # The model's default guidance, as the engine resolves it: true-CFG families take
+    # true_cfg_scale (off without a negative prompt, on both sides), the others guidance_scale.
+    if info.guidance == "true_cfg":
+        kwargs["true_cfg_scale"] = info.default_true_cfg_scale
+    else:
+        kwargs["guidance_scale"] = info.default_guidance
 
     def call(prompt: str, params: ImageParams) -> None:
         pipe(prompt, width=params.width, height=params.height,
              num_inference_steps=params.num_inference_steps or info.default_steps,
-             guidance_scale=info.default_guidance, generator=torch.Generator().manual_seed(params.seed),
-             output_type="pil", **kwargs)
+             generator=torch.Generator().manual_seed(params.seed), output_type="pil", **kwargs)
 
     def run(requests: list[tuple[str, ImageParams]]) -> float:
         start = time.perf_counter()

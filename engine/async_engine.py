@@ -23,6 +23,7 @@ from engine.client import EngineLoad, Unhealthy
 from engine.config import EngineConfig
 from engine.device_monitor import DeviceMonitor
 from engine.executor.base import Executor
+from engine.lora_registry import LoraBusyError, LoraEntry, LoraRegistry
 from engine.messages import ModelInfo, Stage, Task, TaskResult
 from engine.models.sources import check_model_source
 from engine.outputs import (
@@ -94,6 +95,8 @@ class AsyncEngine:
         self._observers: list[EngineObserver] = []
         # task id -> (task, images in it, predicted activation bytes), kept only while someone observes.
         self._observed_tasks: dict[int, tuple[Task, int, int | None]] = {}
+        self.loras = LoraRegistry(config.lora.lora_dir, config.lora.max_loras)
+        self._lora_lock = asyncio.Lock()
 
     @classmethod
     async def create(cls, config: EngineConfig | None = None, *, telemetry_source: Source | None = None,
@@ -107,10 +110,15 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         # A model that names nothing loadable fails here, in one line, before any worker starts.
         await self._loop.run_in_executor(None, check_model_source, self.config.model.model)
+        startup = [LoraRegistry.parse_startup(spec) for spec in self.config.lora.lora]
         info = await self.executor.start(self._on_result, self._on_worker_failed, self._on_worker_restarted)
         try:
             self.scheduler = self._make_scheduler(info)
-        except ValueError:
+            self.model_info = info
+            for name, path in startup:
+                await self.load_lora(name, path)
+        except (ValueError, LoraBusyError):
+            self.model_info = None
             await self.executor.shutdown()
             raise
         try:
@@ -118,9 +126,9 @@ class AsyncEngine:
                                      num_ranks=self.executor.num_workers, our_pids=self._our_pids,
                                      on_sample=self._on_telemetry)
         except BaseException:
+            self.model_info = None
             await self.executor.shutdown()  # no worker outlives a failed start
             raise
-        self.model_info = info
         if info.backend == "pipeline":
             logger.warning("model %s runs through the whole-pipeline fallback (no native adapter, or "
                            "--backend diffusers): one request per pipeline call, no step batching, no sequence "
@@ -150,7 +158,9 @@ class AsyncEngine:
         """Fill the model's defaults in and validate; raises InvalidParamsError."""
         if self.model_info is None:
             raise EngineDeadError("the engine is not started")
-        return (params or ImageParams()).resolve(self.model_info, self.config.limits)
+        resolved = (params or ImageParams()).resolve(self.model_info, self.config.limits)
+        self.loras.check_known(resolved.loras)
+        return resolved
 
     async def generate(self, prompt: str, params: ImageParams | None = None,
                        request_id: str | None = None, *, progress: bool = True) -> AsyncIterator[RequestOutput]:
@@ -164,10 +174,14 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         params = self.resolve_params(params)
-        check_prompt(prompt, self.config.limits)
+        check_prompt(prompt, self.config.limits, self.model_info)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidParamsError(f"request id {request_id!r} is already in use", "request_id")
+        if params.loras and self.model_info.backend == "pipeline":  # type: ignore[union-attr]
+            raise InvalidParamsError("this model runs through the whole-pipeline fallback, which has no "
+                                     "per-request LoRA", "loras")
+        self.loras.acquire(request_id, params.loras)
         key = self.model_info.batch_key(params, request_id)  # type: ignore[union-attr]
         request = Request(request_id, prompt, params, key, time.monotonic())
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -190,6 +204,60 @@ class AsyncEngine:
         finally:
             if not done:
                 self._abort(request_id)
+            self.loras.release(request_id)
+
+    # ----- LoRA adapters ---------------------------------------------------------------
+    async def load_lora(self, name: str, path: str) -> dict:
+        """Load an adapter on every worker (unloading least-recently-used idle ones past
+        max_loras). Raises InvalidParamsError (bad name or file), LoraPathError (outside
+        lora_dir), LoraBusyError (every resident adapter in use)."""
+        if self.model_info is None:
+            raise EngineDeadError("the engine is not started")
+        LoraRegistry.check_name(name)
+        real = self.loras.resolve_path(path)
+        if self.model_info.backend == "pipeline":
+            raise InvalidParamsError(f"model {self.model_info.name} runs through the whole-pipeline fallback, "
+                                     "which has no per-request LoRA", "path")
+        async with self._lora_lock:
+            old = self.loras.entries.get(name)
+            if old is not None and old.users:
+                raise LoraBusyError(f"adapter {name!r} is in use by {len(old.users)} running request(s)")
+            # Victims go only once the new adapter loaded: a bad file costs no resident one.
+            victims = self.loras.evictions_for(name)
+            answers = await self.executor.lora_command(name, real)
+            errors = [a.error for a in answers if a.error]
+            if errors or not answers:
+                await self.executor.lora_command(name, None)  # no worker keeps half of it
+                self.loras.remove(name)
+                self.executor.loras.pop(name, None)
+                raise InvalidParamsError(f"adapter {name!r} not loaded: {errors[0] if errors else 'no worker'}",
+                                         "path")
+            for victim in victims:
+                logger.info("unloading LoRA adapter %s (least recently used) to make room for %s", victim, name)
+                await self._unload_locked(victim)
+            first = answers[0]
+            entry = LoraEntry(name, real, first.modules, first.rank_max, first.parameters)
+            self.loras.add(entry)
+            self.executor.loras[name] = real
+            logger.info("loaded LoRA adapter %s from %s (%d modules, rank %d)", name, real, entry.modules,
+                        entry.rank)
+            return entry.describe()
+
+    async def unload_lora(self, name: str) -> None:
+        """Unload an adapter from every worker. Raises KeyError (not loaded) and
+        LoraBusyError (a live request uses it: it is never taken from under one)."""
+        async with self._lora_lock:
+            await self._unload_locked(name)
+
+    async def _unload_locked(self, name: str) -> None:
+        self.loras.check_unload(name)
+        # Out of the book first: from here no new request may name it.
+        self.loras.remove(name)
+        self.executor.loras.pop(name, None)
+        await self.executor.lora_command(name, None)
+
+    def list_loras(self) -> list[dict]:
+        return self.loras.describe()
 
     def load(self) -> EngineLoad:
         return EngineLoad(self.scheduler.num_waiting, self.scheduler.num_running)
@@ -321,6 +389,7 @@ class AsyncEngine:
                 self._streams[rid].put_nowait(self._output(request, update, finished=False))
 
     def _end_stream(self, request_id: str, final: BaseException | None) -> None:
+        self.loras.release(request_id)
         stream = self._streams.pop(request_id, None)
         if stream is not None and final is not None:
             stream.put_nowait(final)

@@ -71,18 +71,29 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    lora: tuple[str, ...] = ()
+    """A LoRA adapter NAME=PATH (a diffusers/PEFT .safetensors file, or a folder with one) loaded on every worker at start-up; repeatable. PATH is relative to --lora-dir."""
+    lora_dir: str | None = None
+    """The folder adapters are loaded from (start-up and POST /v1/loras); paths may not leave it. None: the working directory."""
+    max_loras: int = 8
+    """Most LoRA adapters resident at once; loading one more unloads the least recently used one no live request uses."""
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def create(cls, **options: Any) -> EngineConfig:
         """Build from flat options; unknown names raise TypeError naming them."""
         parts: dict[str, dict[str, Any]] = {"model": {}, "scheduler": {}, "parallel": {}, "telemetry": {},
-                                            "limits": {}}
+                                            "lora": {}, "limits": {}}
         owners = _option_owners()
         unknown = []
         for name, value in options.items():
@@ -98,18 +109,20 @@ class EngineConfig:
             scheduler=SchedulerConfig(**parts["scheduler"]),
             parallel=ParallelConfig(**parts["parallel"]),
             telemetry=TelemetryConfig(**parts["telemetry"]),
+            lora=LoraConfig(**{k: tuple(v) if k == "lora" else v for k, v in parts["lora"].items()}),
             limits=Limits(**parts["limits"]),
         )
 
 
 _SECTIONS = {"model": ModelConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig,
-             "telemetry": TelemetryConfig}
-_LIMIT_FIELDS = ("max_n", "max_size", "max_steps", "max_prompt_chars")
+             "telemetry": TelemetryConfig, "lora": LoraConfig}
+_LIMIT_FIELDS = ("max_n", "max_size", "max_steps", "max_prompt_chars", "max_loras_per_request")
 _LIMIT_HELP = {
     "max_n": "Most images one request may ask for.",
     "max_size": "Largest width or height a request may ask for, in pixels.",
     "max_steps": "Most denoising steps a request may ask for.",
     "max_prompt_chars": "Longest prompt (and negative prompt) a request may give, in characters.",
+    "max_loras_per_request": "Most LoRA adapters one request may name.",
 }
 
 
@@ -127,6 +140,9 @@ def add_engine_args(parser: argparse.ArgumentParser, *, with_model: bool = True)
             if f.name == "model" and not with_model:
                 continue
             flag = "--" + f.name.replace("_", "-")
+            if "tuple" in str(f.type):
+                group.add_argument(flag, dest=f.name, action="append", default=None, help=_doc(cls, f.name))
+                continue
             default = f.default
             if str(f.type) in ("bool", "<class 'bool'>"):
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,

@@ -15,8 +15,8 @@ import msgspec
 from engine.model_info import ModelInfo
 from engine.params import ImageParams
 
-__all__ = ["FreeRequests", "ImageData", "ItemResult", "Migration", "ModelInfo", "NewRequest", "Stage", "Task",
-           "TaskResult"]
+__all__ = ["FreeRequests", "ImageData", "ItemResult", "LoraAnswer", "LoraCommand", "Migration", "ModelInfo",
+           "NewRequest", "Stage", "Task", "TaskResult"]
 
 _WIRE = {"array_like": True, "omit_defaults": True, "gc": False}
 
@@ -103,3 +103,22 @@ class TaskResult(msgspec.Struct, tag=True, **_WIRE):
     start_memory_bytes: int = 0
     cached_memory_bytes: int = 0
 
+
+
+class LoraCommand(msgspec.Struct, tag=True, **_WIRE):
+    """Load (``path`` set) or unload (``path`` None) a LoRA adapter on a worker. Commands
+    and tasks share the worker's ordered ring, so a task sent after a load sees the adapter
+    and one sent before an unload still has it."""
+
+    command_id: int
+    name: str
+    path: str | None = None
+
+
+class LoraAnswer(msgspec.Struct, tag=True, **_WIRE):
+    command_id: int
+    rank: int
+    error: str | None = None
+    modules: int = 0
+    rank_max: int = 0
+    parameters: int = 0

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from engine.prompt_limit import PromptLimit
+
 if TYPE_CHECKING:
     from engine.params import ImageParams
 
@@ -111,6 +113,11 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     default_true_cfg_scale: float | None = None
     # Whether requests at different steps share denoise calls; False: one request per call.
     step_batching: bool = True
+    # Under the "cfg" rule, guidance runs for guidance_scale above this (most pipelines:
+    # 1; Z-Image: 0).
+    cfg_threshold: float = 1.0
+    # The text encoder's token limit, with the tokenizer to count by (None: characters only).
+    prompt_limit: PromptLimit | None = None
     # Whether a denoise step may run on several ranks (Ulysses over the heads).
     sequence_parallel: bool = True
     # Whether a request's state may move to other workers between steps.
@@ -131,11 +138,16 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     def guided(self, params: ImageParams) -> bool:
         """Whether ``params`` run with unconditional rows under this model's guidance rule."""
         if self.guidance == "cfg":
-            return params.guidance_scale is not None and params.guidance_scale > 1.0
+            return params.guidance_scale is not None and params.guidance_scale > self.cfg_threshold
         if self.guidance == "true_cfg":
             scale = params.true_cfg_scale
             return scale is not None and scale > 1.0 and params.negative_prompt is not None
         return False
+
+    def check_prompt_tokens(self, prompt: str, param: str = "prompt") -> None:
+        """Refuse a prompt the text encoder would cut (InvalidParamsError naming ``param``)."""
+        if self.prompt_limit is not None:
+            self.prompt_limit.check(prompt, param, self.name)
 
     def rows_per_image(self, params: ImageParams) -> int:
         return 2 if self.guided(params) else 1
@@ -146,7 +158,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
         return BatchKey(
             model=self.name, latent_shape=shape,
             guidance=self.guidance if self.guided(params) else "none",
-            solo="" if self.step_batching else request_id, tokens=self.latent.tokens(shape))
+            solo="" if self.step_batching else request_id, tokens=self.latent.tokens(shape),
+            adapter="+".join(sorted(r.name for r in params.loras)) or None)
 
     def degrees(self, num_workers: int) -> tuple[int, ...]:
         """Sequence-parallel degrees a step may run at: Ulysses splits the heads over the

@@ -32,6 +32,20 @@ class ModelDefaults(Protocol):
     @property
     def size_multiple(self) -> int: ...
 
+    def check_prompt_tokens(self, prompt: str, param: str = "prompt") -> None: ...
+
+
+# A LoRA scale past this is no longer a fine-tune's strength but an amplified perturbation.
+MAX_LORA_SCALE = 10.0
+
+
+class LoraRef(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One adapter a request runs with: a loaded adapter's name and its strength (the
+    weight diffusers' ``set_adapters`` takes)."""
+
+    name: str
+    scale: float = 1.0
+
 
 class InvalidParamsError(ValueError):
     """A request parameter is out of bounds; ``param`` names it (the API's 400 ``param``)."""
@@ -61,6 +75,11 @@ class ImageParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     # True classifier-free guidance (Qwen-Image): on when > 1 and a negative prompt is
     # given. None: the model's default; families without true CFG ignore it.
     true_cfg_scale: float | None = None
+    # Z-Image's CFG options (other families ignore them). cfg_normalization > 0 caps the
+    # guided prediction's norm at that multiple of the conditional one's (0: off);
+    # cfg_truncation stops guidance once the normalised time passes it (1: never).
+    cfg_normalization: float | None = None
+    cfg_truncation: float | None = None
     seed: int | None = None
     # png / jpeg / webp are encoded in the worker; raw is uint8 RGB (the Python API's default).
     # None: png, or raw through the Python API.
@@ -70,6 +89,8 @@ class ImageParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     partial_images: int = 0
     # Attach the final latents (float32) to the output; for tests and research.
     return_latents: bool = False
+    # LoRA adapters (loaded by name on the engine), applied together; () for the base model.
+    loras: tuple[LoraRef, ...] = ()
     # Scheduling hints: higher priority first; deadline in seconds after arrival.
     priority: int = 0
     deadline_s: float | None = None
@@ -93,6 +114,10 @@ class ImageParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         _check_number("guidance_scale", guidance, 0.0, 100.0)
         if true_cfg is not None:
             _check_number("true_cfg_scale", true_cfg, *TRUE_CFG_RANGE)
+        if self.cfg_normalization is not None:
+            _check_number("cfg_normalization", self.cfg_normalization, 0.0, 100.0)
+        if self.cfg_truncation is not None:
+            _check_number("cfg_truncation", self.cfg_truncation, 0.0, 1.0)
         _check_int("seed", seed, 0, MAX_SEED)
         output_format = "png" if self.output_format is None else self.output_format
         if output_format not in OUTPUT_FORMATS:
@@ -111,10 +136,13 @@ class ImageParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         if self.negative_prompt is not None and len(self.negative_prompt) > limits.max_prompt_chars:
             raise InvalidParamsError(
                 f"negative_prompt is longer than {limits.max_prompt_chars} characters", "negative_prompt")
+        if self.negative_prompt is not None:
+            info.check_prompt_tokens(self.negative_prompt, "negative_prompt")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise InvalidParamsError("deadline_s must be positive", "deadline_s")
+        loras = _check_loras(self.loras, limits)
         return msgspec.structs.replace(
-            self, width=width, height=height, num_inference_steps=steps, guidance_scale=float(guidance),
+            self, loras=loras, width=width, height=height, num_inference_steps=steps, guidance_scale=float(guidance),
             true_cfg_scale=None if true_cfg is None else float(true_cfg), seed=seed, output_format=output_format)
 
 
@@ -125,15 +153,20 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     max_size: int = 4096
     max_steps: int = 200
     max_prompt_chars: int = 8192
+    max_loras_per_request: int = 4
 
 
-def check_prompt(prompt: object, limits: Limits) -> str:
+def check_prompt(prompt: object, limits: Limits, info: ModelDefaults | None = None) -> str:
+    """A usable prompt: a non-empty string within the character bound and, given the
+    model, within its text encoder's token limit."""
     if not isinstance(prompt, str):
         raise InvalidParamsError(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
     if not prompt.strip():
         raise InvalidParamsError("prompt must not be empty", "prompt")
     if len(prompt) > limits.max_prompt_chars:
         raise InvalidParamsError(f"prompt is longer than {limits.max_prompt_chars} characters", "prompt")
+    if info is not None:
+        info.check_prompt_tokens(prompt)
     return prompt
 
 
@@ -147,3 +180,30 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
 def _check_number(name: str, value: object, low: float, high: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidParamsError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}", name)
+
+
+def _check_loras(loras: object, limits: Limits) -> tuple[LoraRef, ...]:
+    """The request's adapters as LoraRefs (dicts are accepted): distinct names, bounded scales."""
+    if not isinstance(loras, (list, tuple)):
+        raise InvalidParamsError("loras must be a list of {name, scale} objects", "loras")
+    if len(loras) > limits.max_loras_per_request:
+        raise InvalidParamsError(f"a request may name at most {limits.max_loras_per_request} loras, "
+                                 f"got {len(loras)}", "loras")
+    refs = []
+    for item in loras:
+        if isinstance(item, dict):
+            unknown = set(item) - {"name", "scale"}
+            if unknown or "name" not in item:
+                raise InvalidParamsError("each of loras must be {\"name\": str, \"scale\": number}", "loras")
+            item = LoraRef(name=item["name"], scale=item.get("scale", 1.0))
+        if not isinstance(item, LoraRef) or not isinstance(item.name, str) or not item.name:
+            raise InvalidParamsError("each of loras must be {\"name\": str, \"scale\": number}", "loras")
+        scale = item.scale
+        if (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale != scale
+                or abs(scale) > MAX_LORA_SCALE):
+            raise InvalidParamsError(f"lora {item.name!r}: scale must be a number in "
+                                     f"[-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}], got {scale!r}", "loras")
+        refs.append(LoraRef(name=item.name, scale=float(scale)))
+    if len({r.name for r in refs}) != len(refs):
+        raise InvalidParamsError("loras names an adapter twice", "loras")
+    return tuple(refs)

@@ -4,7 +4,8 @@ The engine is an ``EngineClient``: an ``AsyncEngine`` in this process, or a clie
 engine replicas on Ray Serve; the server does not tell them apart.
 
 Routes: ``POST /v1/images/generations``, ``GET /v1/models[/{id}]``, ``GET /images/{name}``
-(the links of ``response_format="url"``), ``GET /health``, ``GET /metrics``.
+(the links of ``response_format="url"``), ``GET /health``, ``GET /metrics``, and
+``GET|POST /v1/loras``, ``DELETE /v1/loras/{name}`` (entrypoints/serving_loras.py).
 
 Two middlewares wrap every route. The outer one gives each request a uuid4 id
 (``X-Request-Id``, also the engine's request id) and turns every failure into OpenAI's
@@ -33,6 +34,7 @@ from entrypoints.admission import Admission
 from entrypoints.image_store import ImageStore
 from entrypoints.protocol import APIError, ModelCard, ModelList
 from entrypoints.serving_images import REQUEST_ID, ImageGenerations
+from entrypoints.serving_loras import LoraRoutes
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class ServerConfig:
     """On shutdown, how long requests in flight may take to finish before they are aborted."""
     stall_timeout_s: float = 120.0
     """/health fails when work is pending and no task has finished for this long."""
+    lora_admin: bool = True
+    """Serve POST and DELETE /v1/loras (loading and unloading adapters at run time)."""
 
 
 class APIServer:
@@ -81,6 +85,7 @@ class APIServer:
             web.get("/images/{name}", self._image),
             web.get("/health", self._health),
             web.get("/metrics", self._metrics),
+            *LoraRoutes(engine, config.lora_admin).routes(),
         ])
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None

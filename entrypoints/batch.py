@@ -139,7 +139,7 @@ def _validated(engine: AsyncEngine, jobs: list[Job], manifest: Manifest, stats: 
     pending = []
     for job in jobs:
         try:
-            check_prompt(job.prompt, engine.config.limits)
+            check_prompt(job.prompt, engine.config.limits, engine.model_info)
             job.params = engine.resolve_params(job.params)
         except InvalidParamsError as exc:
             job.error = f"line {job.line} ({job.id}): {exc}"

@@ -1,8 +1,9 @@
 """The ``gfdit batch`` input format: one JSON object per line, parsed into Jobs.
 
 A line is ``{"prompt": ...}`` plus optional ``id``, ``negative_prompt``, ``size`` ("WxH"
-or N), ``steps``, ``guidance``, ``true_cfg_scale``, ``seed``, ``n`` and ``output_format``
-(png, jpeg, webp).
+or N), ``steps``, ``guidance``, ``true_cfg_scale``, ``cfg_normalization``, ``cfg_truncation``,
+``seed``, ``n``, ``output_format`` (png, jpeg, webp) and ``loras``
+(``[{"name": ..., "scale": ...}]``, adapters loaded with ``--lora``).
 A line that cannot be used becomes a Job with ``error`` set, never an exception: one bad
 line must not stop a run of thousands.
 
@@ -24,8 +25,8 @@ from typing import Any, TextIO
 
 from engine.params import MAX_SEED, ImageParams
 
-FIELDS = ("id", "prompt", "negative_prompt", "size", "steps", "guidance", "true_cfg_scale", "seed", "n",
-          "output_format")
+FIELDS = ("id", "prompt", "negative_prompt", "size", "steps", "guidance", "true_cfg_scale", "cfg_normalization",
+          "cfg_truncation", "seed", "n", "output_format", "loras")
 # Files are written as images; the engine's raw RGB bytes would be unreadable on disk.
 FILE_FORMATS = ("png", "jpeg", "webp")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -78,7 +79,8 @@ def _parse(text: str, line_number: int) -> Job:
     params = ImageParams(
         negative_prompt=data.get("negative_prompt"), n=1 if n is None else n, width=width, height=height,
         num_inference_steps=data.get("steps"), guidance_scale=data.get("guidance"),
-        true_cfg_scale=data.get("true_cfg_scale"),
+        true_cfg_scale=data.get("true_cfg_scale"), cfg_normalization=data.get("cfg_normalization"),
+        cfg_truncation=data.get("cfg_truncation"), loras=tuple(data.get("loras") or ()),
         seed=default_seed(job_id) if seed is None else seed, output_format=data.get("output_format") or "png")
     return Job(job_id, data["prompt"], params, input_hash=input_hash)
 

@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds requests in flight may take to finish on shutdown (default: 30)")
     parser.add_argument("--url-ttl", type=float, default=600.0,
                         help="seconds an image behind a response_format=url link stays (default: 600)")
+    parser.add_argument("--no-lora-admin", dest="lora_admin", action="store_false",
+                        help="do not serve POST and DELETE /v1/loras (adapters come from --lora only)")
     ray = parser.add_argument_group("replicas on Ray Serve (needs the ray extra: pip install 'gfdit[ray]')")
     ray.add_argument("--ray", action="store_true",
                      help="run the engine as replicas on Ray Serve behind this server (default: one engine here)")
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or None,
         served_model_names=tuple(args.served_model_name or ()), max_queue=args.max_queue,
-        drain_timeout_s=args.drain_timeout, url_ttl_s=args.url_ttl)
+        drain_timeout_s=args.drain_timeout, url_ttl_s=args.url_ttl, lora_admin=args.lora_admin)
     engine_options = {**engine_options_from_args(args), "model": args.model}
     if not args.ray:
         flags = [f for f, v in (("--ray-address", args.ray_address), ("--replicas", args.replicas),

@@ -118,7 +118,7 @@ class DiT:
         param_list = self._param_list(params, len(prompt_list))
         for i, (prompt, p) in enumerate(zip(prompt_list, param_list)):
             try:
-                check_prompt(prompt, self.engine.config.limits)
+                check_prompt(prompt, self.engine.config.limits, self.engine.model_info)
                 self.engine.resolve_params(p)
             except InvalidParamsError as exc:
                 raise InvalidParamsError(f"request {i}: {exc}", exc.param) from exc

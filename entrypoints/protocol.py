@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from engine.params import LoraRef
+
 Quality = Literal["auto", "low", "medium", "high"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 Background = Literal["auto", "opaque", "transparent"]
@@ -47,7 +49,12 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields
     guidance_scale: Annotated[float, Meta(ge=0, le=100)] | None = None
     # True CFG (Qwen-Image): on when > 1 with a negative_prompt; other families ignore it.
     true_cfg_scale: Annotated[float, Meta(ge=1, le=100)] | None = None
+    # Z-Image's CFG options (see ImageParams); other families ignore them.
+    cfg_normalization: Annotated[float, Meta(ge=0, le=100)] | None = None
+    cfg_truncation: Annotated[float, Meta(ge=0, le=1)] | None = None
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
+    # LoRA adapters loaded on the server (GET /v1/loras), each with its strength.
+    loras: list[LoraRef] | None = None
     # Scheduling hints: higher priority is served first; the images are wanted within
     # deadline_s seconds of arrival (deadline-aware policies use it; others ignore it).
     priority: Annotated[int, Meta(ge=-1000, le=1000)] | None = None

@@ -145,11 +145,12 @@ class ImageGenerations:
         quality = req.quality or "auto"
         steps = req.num_inference_steps or steps_for_quality(quality, info.default_steps)
         try:
-            check_prompt(req.prompt, self.engine.config.limits)
+            check_prompt(req.prompt, self.engine.config.limits, info)
             params = self.engine.resolve_params(ImageParams(
                 negative_prompt=req.negative_prompt, n=req.n or 1, width=width, height=height,
                 num_inference_steps=steps, guidance_scale=req.guidance_scale,
-                true_cfg_scale=req.true_cfg_scale, seed=req.seed,
+                true_cfg_scale=req.true_cfg_scale, cfg_normalization=req.cfg_normalization,
+                cfg_truncation=req.cfg_truncation, seed=req.seed, loras=tuple(req.loras or ()),
                 output_format=req.output_format or "png", output_compression=req.output_compression,
                 # Partial images only make sense in a stream; don't pay for previews otherwise.
                 partial_images=(req.partial_images or 0) if stream else 0,
@@ -217,6 +218,10 @@ def _engine_errors() -> Iterator[None]:
     """The engine's ways of ending a request, as API errors."""
     try:
         yield
+    except InvalidParamsError as exc:
+        # Checks only a replica can make (its resident LoRA adapters) surface here, not at resolve.
+        raise APIError(400, str(exc), param=_API_PARAM.get(exc.param or "", exc.param),
+                       code="invalid_value") from None
     except RequestFailedError as exc:
         raise APIError(500, f"generation failed: {exc}", type="server_error", code="request_failed") from None
     except RequestAbortedError:

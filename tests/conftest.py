@@ -25,3 +25,24 @@ def preset_pipelines():
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def lora_pipelines(tmp_path_factory):
+    """preset -> (a pipeline with the test adapters loaded through diffusers, their folder,
+    name -> path). Adapter files live in one folder per preset, the engine's lora_dir."""
+    from tests.lora_helpers import load_reference_adapters, make_adapters
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            pipe = build_preset(name)
+            pipe.set_progress_bar_config(disable=True)
+            root = tmp_path_factory.mktemp(f"lora-{name}")
+            paths = make_adapters(pipe, root)
+            load_reference_adapters(pipe, paths)
+            cache[name] = (pipe, root, paths)
+        return cache[name]
+
+    return get

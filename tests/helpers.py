@@ -9,7 +9,7 @@ import torch
 
 from engine.request import ImageParams
 
-FAMILY_PRESETS = ["tiny-pixart", "tiny-sd3", "tiny-flux"]
+FAMILY_PRESETS = ["tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-qwen-image", "tiny-z-image"]
 
 
 def pipeline_reference(pipe, prompt: str, params: ImageParams) -> tuple[torch.Tensor, np.ndarray]:
@@ -26,6 +26,13 @@ def pipeline_reference(pipe, prompt: str, params: ImageParams) -> tuple[torch.Te
         kwargs["use_resolution_binning"] = False
     if params.negative_prompt is not None and not name.startswith("Flux"):
         kwargs["negative_prompt"] = params.negative_prompt
+    if name.startswith("QwenImage"):
+        kwargs["true_cfg_scale"] = params.true_cfg_scale
+        if not pipe.transformer.config.guidance_embeds:  # the pipeline ignores it, with a warning
+            kwargs["guidance_scale"] = None
+    if name.startswith("ZImage"):
+        kwargs["cfg_normalization"] = params.cfg_normalization or False
+        kwargs["cfg_truncation"] = 1.0 if params.cfg_truncation is None else params.cfg_truncation
     latents = pipe(prompt, generator=torch.Generator().manual_seed(params.seed), output_type="latent",
                    **kwargs).images
     images = pipe(prompt, generator=torch.Generator().manual_seed(params.seed), output_type="pil", **kwargs).images

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from engine.config import EngineConfig
-from engine.messages import ModelInfo, Task, TaskResult
+from engine.messages import LoraAnswer, ModelInfo, Task, TaskResult
 
 ResultCallback = Callable[[TaskResult], None]
 # (rank, message): a worker died; the engine fails or restarts what it held.
@@ -22,6 +22,9 @@ RestartCallback = Callable[[int], None]
 class Executor(ABC):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # LoRA adapters resident on every worker, name -> path: loaded by workers that start
+        # (or restart) and kept up to date by the engine's LoraRegistry.
+        self.loras: dict[str, str] = {}
 
     @property
     @abstractmethod
@@ -39,6 +42,10 @@ class Executor(ABC):
     @abstractmethod
     def free(self, rank: int, request_ids: list[str]) -> None:
         """Tell a rank to drop the state of these requests."""
+
+    @abstractmethod
+    async def lora_command(self, name: str, path: str | None) -> list[LoraAnswer]:
+        """Load (or with ``path`` None unload) an adapter on every live worker; their answers."""
 
     @abstractmethod
     async def shutdown(self) -> None: ...

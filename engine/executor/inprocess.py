@@ -11,7 +11,7 @@ from engine.executor.allocator import keep_freed_memory
 from engine.executor.base import Executor, FailureCallback, RestartCallback, ResultCallback
 from engine.executor.device_ops import DeviceOps
 from engine.executor.worker import Worker
-from engine.messages import ModelInfo, Task, TaskResult
+from engine.messages import LoraAnswer, LoraCommand, ModelInfo, Task, TaskResult
 from engine.models.attention import resolve_attention_backend
 from engine.models.loader import load_adapter
 
@@ -42,7 +42,16 @@ class InProcessExecutor(Executor):
         backend = resolve_attention_backend(model.attention_backend, adapter.device)
         self._worker = Worker(0, adapter, attention_backend=backend, ops=self._device_ops,
                               compile=model.compile)
+        for name, path in self.loras.items():
+            answer = await self.lora_command(name, path)
+            if answer[0].error:
+                await self.shutdown()
+                raise RuntimeError(f"LoRA adapter {name!r}: {answer[0].error}")
         return adapter.info()
+
+    async def lora_command(self, name: str, path: str | None) -> list[LoraAnswer]:
+        command = LoraCommand(0, name, path)
+        return [await self._loop.run_in_executor(self._thread, self._worker.lora, command)]
 
     def worker_pids(self) -> dict[int, int]:
         return {0: os.getpid()}
@@ -59,4 +68,8 @@ class InProcessExecutor(Executor):
         self._thread.submit(self._worker.free, request_ids)
 
     async def shutdown(self) -> None:
+        # Drop every state the worker still holds (a paused pipeline call unwinds), then stop.
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            self._thread.submit(lambda: worker.free(list(worker.states)))
         await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)

@@ -54,7 +54,7 @@ from engine.executor.protocol import (
 )
 from engine.executor.shm_queue import DEFAULT_CAPACITY
 from engine.executor.worker_handle import DeviceLayoutError, WorkerHandle, WorkerStartError
-from engine.messages import FreeRequests, ModelInfo, Task, TaskResult
+from engine.messages import FreeRequests, LoraAnswer, LoraCommand, ModelInfo, Task, TaskResult
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,9 @@ class MultiprocExecutor(Executor):
         self._channels: ChannelsOwner | None = None
         self._closing = False
         self._fatal: str | None = None
+        # LoRA command id -> rank -> its answer, awaited by lora_command.
+        self._lora_waits: dict[int, dict[int, asyncio.Future[LoraAnswer]]] = {}
+        self._lora_ids = 0
 
     @property
     def num_workers(self) -> int:
@@ -208,7 +211,8 @@ class MultiprocExecutor(Executor):
             store_host="127.0.0.1", store_port=self._store.port, join_timeout_s=self.join_timeout_s,
             cmd_fds=(-1, -1, -1), out_fds=(-1, -1, -1), ring_capacity=self._ring_capacity,
             parent_fd=self._parent_r, parent_pid=os.getpid(),
-            log_level=logging.getLogger().getEffectiveLevel(), worker_hook=self._worker_hook)
+            log_level=logging.getLogger().getEffectiveLevel(), worker_hook=self._worker_hook,
+            loras=list(self.loras.items()))
         handle = WorkerHandle(spec, self._on_message, self._on_exit)
         logger.info("started worker %d (pid %d)", rank, handle.pid)
         return handle
@@ -240,6 +244,23 @@ class MultiprocExecutor(Executor):
             if handle is not None:
                 handle.send(payload)
 
+    async def lora_command(self, name: str, path: str | None) -> list[LoraAnswer]:
+        self._lora_ids += 1
+        command = LoraCommand(self._lora_ids, name, path)
+        ranks = [r for r in range(self._num_workers) if self._is_up(r)]
+        waits = {r: self._loop.create_future() for r in ranks}
+        self._lora_waits[command.command_id] = waits
+        try:
+            self._broadcast(command, ranks)
+            return list(await asyncio.gather(*waits.values()))
+        finally:
+            del self._lora_waits[command.command_id]
+
+    def _lora_answered(self, answer: LoraAnswer) -> None:
+        wait = self._lora_waits.get(answer.command_id, {}).get(answer.rank)
+        if wait is not None and not wait.done():
+            wait.set_result(answer)
+
     def _is_up(self, rank: int) -> bool:
         handle = self._handles[rank]
         return handle is not None and handle.alive
@@ -250,6 +271,8 @@ class MultiprocExecutor(Executor):
             self._task_answered(message.task_id, handle.rank)
             if not self._closing:
                 self._on_result(message)
+        elif isinstance(message, LoraAnswer):
+            self._lora_answered(message)
         elif isinstance(message, Ready):
             logger.info("worker %d (pid %d) loaded %s", handle.rank, message.pid, message.info.name)
             handle.ready.set_result(message.info)
@@ -359,6 +382,8 @@ class MultiprocExecutor(Executor):
             self._kill_stranded_peers(rank)
         for task_id in list(self._inflight):
             self._task_answered(task_id, rank)
+        for command_id in list(self._lora_waits):
+            self._lora_answered(LoraAnswer(command_id, rank, error=f"{reason} while loading the adapter"))
         # Held tasks with this rank were dropped by the scheduler with the rank's requests.
         self._held = [t for t in self._held if rank not in t.members]
         self._returning.discard(rank)

@@ -23,7 +23,7 @@ import msgspec
 
 from engine.config import ModelConfig
 from engine.distributed.shm_channels import WorldSpec
-from engine.messages import FreeRequests, ModelInfo, Task, TaskResult
+from engine.messages import FreeRequests, LoraAnswer, LoraCommand, ModelInfo, Task, TaskResult
 
 _WIRE = {"array_like": True, "omit_defaults": True, "gc": False, "tag": True}
 
@@ -62,6 +62,9 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     # "module:function" called with the Worker once the model is loaded (profilers,
     # custom attention processors, fault injection in tests).
     worker_hook: str | None = None
+    # (name, path) of the LoRA adapters to load before Ready: the start-up ones, or for a
+    # replacement worker the ones resident on its peers.
+    loras: list[tuple[str, str]] = []
 
 
 class JoinWorld(msgspec.Struct, **_WIRE):
@@ -107,8 +110,8 @@ class JoinFailed(msgspec.Struct, **_WIRE):
     message: str
 
 
-ToWorker = Union[Task, FreeRequests, JoinWorld, Shutdown]  # noqa: UP007 - a runtime type for msgspec
-FromWorker = Union[TaskResult, Ready, StartFailed, Joined, JoinFailed, Leaving]  # noqa: UP007
+ToWorker = Union[Task, FreeRequests, LoraCommand, JoinWorld, Shutdown]  # noqa: UP007 - a runtime type for msgspec
+FromWorker = Union[TaskResult, LoraAnswer, Ready, StartFailed, Joined, JoinFailed, Leaving]  # noqa: UP007
 
 encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

@@ -36,7 +36,7 @@ from engine.distributed.ulysses import SequenceParallel, install
 from engine.executor.device_ops import DeviceOps, device_ops, is_sticky_cuda_error
 from engine.executor.migration import run_migrations
 from engine.image_codec import encode_image
-from engine.messages import ItemResult, Stage, Task, TaskResult
+from engine.messages import ItemResult, LoraAnswer, LoraCommand, Stage, Task, TaskResult
 from engine.models.base import ModelRunner, RequestState
 from engine.models.compile import CompileStats, compile_repeated_blocks
 
@@ -115,6 +115,23 @@ class Worker:
                 return None
             return f"task {task.task_id} failed on {len(task.members)} ranks; its collectives may be out of step"
         return None
+
+    def lora(self, command: LoraCommand) -> LoraAnswer:
+        """Load or unload an adapter; a bad file is answered, never raised."""
+        store = getattr(self.adapter, "lora", None)
+        if store is None:
+            return LoraAnswer(command.command_id, self.rank, error=f"model {self.adapter.name} runs through the "
+                              "whole-pipeline fallback, which has no per-request LoRA")
+        if command.path is None:
+            store.unload(command.name)
+            return LoraAnswer(command.command_id, self.rank)
+        try:
+            summary = store.load(command.name, command.path)
+        except Exception as exc:  # noqa: BLE001 - a bad adapter must not take the worker down
+            logger.warning("rank %d: adapter %s not loaded: %s", self.rank, command.name, exc)
+            return LoraAnswer(command.command_id, self.rank, error=str(exc))
+        return LoraAnswer(command.command_id, self.rank, modules=summary.modules, rank_max=summary.rank,
+                          parameters=summary.parameters)
 
     def free(self, request_ids: list[str]) -> None:
         for rid in request_ids:

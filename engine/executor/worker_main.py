@@ -85,12 +85,17 @@ def load_worker(spec: WorkerSpec):
     if spec.device.startswith("cuda"):
         torch.cuda.set_device(spec.device)  # NCCL and stray allocations use this rank's GPU
     from engine.executor.worker import Worker
+    from engine.messages import LoraCommand
     from engine.models.attention import resolve_attention_backend
     from engine.models.loader import load_adapter
 
     adapter = load_adapter(spec.model.model, spec.device, spec.model.dtype, spec.model.backend)
     backend = resolve_attention_backend(spec.model.attention_backend, adapter.device)
     worker = Worker(spec.rank, adapter, attention_backend=backend, compile=spec.model.compile)
+    for index, (name, path) in enumerate(spec.loras):
+        answer = worker.lora(LoraCommand(index, name, path))
+        if answer.error:
+            raise RuntimeError(f"LoRA adapter {name!r}: {answer.error}")
     if spec.worker_hook:
         module_name, _, function = spec.worker_hook.partition(":")
         getattr(importlib.import_module(module_name), function)(worker)
@@ -99,7 +104,7 @@ def load_worker(spec: WorkerSpec):
 
 def serve(spec: WorkerSpec, channel: Channel) -> int:
     from engine.executor.world import World
-    from engine.messages import FreeRequests, Task
+    from engine.messages import FreeRequests, LoraCommand, Task
 
     try:
         worker = load_worker(spec)
@@ -122,6 +127,8 @@ def serve(spec: WorkerSpec, channel: Channel) -> int:
                     world.leave(abort=True)
                     return EXIT_REPLACE_ME
                 channel.send(result)
+            elif isinstance(message, LoraCommand):
+                channel.send(worker.lora(message))
             elif isinstance(message, FreeRequests):
                 worker.free(message.request_ids)
             elif isinstance(message, JoinWorld):

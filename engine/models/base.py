@@ -23,6 +23,7 @@ The adapter calls the pipeline's own methods (``encode_prompt``, ``prepare_laten
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -33,8 +34,10 @@ import torch
 from diffusers import DiffusionPipeline
 
 from engine.model_info import LatentSpec, ModelInfo
+from engine.models.lora import LoraStore, row_loras
 from engine.models.registry import FAMILIES
 from engine.params import ImageParams
+from engine.prompt_limit import PromptLimit
 
 Embeds = dict[str, torch.Tensor]
 
@@ -102,6 +105,8 @@ class DiTAdapter(ABC):
     guidance: ClassVar[str] = "cfg"
     # The default true_cfg_scale of a true-CFG family; None: the family ignores it.
     default_true_cfg_scale: ClassVar[float | None] = None
+    # Under "cfg", guidance runs for guidance_scale above this (Z-Image: any scale above 0).
+    cfg_threshold: ClassVar[float] = 1.0
 
     def __init__(self, pipe: DiffusionPipeline, name: str, default_size: int | None = None,
                  default_steps: int | None = None) -> None:
@@ -115,6 +120,8 @@ class DiTAdapter(ABC):
         self.attention_backend = "sdpa"
         self.vae_pixels_per_call = 2**26 if self.device.type == "cuda" else 4 * 256 * 256
         self._info: ModelInfo | None = None
+        # Resident LoRA adapters, applied per row inside denoise (engine/models/lora.py).
+        self.lora = LoraStore(self.transformer, self.pipeline_class)
 
     # ----- description -------------------------------------------------------------
     @property
@@ -124,6 +131,11 @@ class DiTAdapter(ABC):
     @property
     def patch_size(self) -> int:
         return self.transformer.config.patch_size
+
+    @property
+    def num_heads(self) -> int:
+        """Attention heads of the transformer (Ulysses splits them over a group)."""
+        return self.transformer.config.num_attention_heads
 
     @abstractmethod
     def _pipeline_default_size(self) -> int: ...
@@ -149,13 +161,19 @@ class DiTAdapter(ABC):
                 default_true_cfg_scale=self.default_true_cfg_scale,
                 latent=self.latent_spec(),
                 max_size=self._max_size(),
-                num_heads=self.transformer.config.num_attention_heads,
+                num_heads=self.num_heads,
                 guidance=self.guidance,
+                cfg_threshold=self.cfg_threshold,
+                prompt_limit=self.prompt_limit(),
                 sequence_parallel=entry is not None and entry.sequence_parallel is not None,
                 device=str(self.device),
                 dtype=str(self.dtype).removeprefix("torch."),
             )
         return self._info
+
+    def prompt_limit(self) -> PromptLimit | None:
+        """The text encoder's token limit, for the engine to refuse prompts it would cut."""
+        return None
 
     def cfg(self, params: ImageParams) -> bool:
         """Whether the request runs unconditional rows (the model's one guidance rule)."""
@@ -254,7 +272,8 @@ class DiTAdapter(ABC):
             latents = torch.cat([latents, latents])
             timesteps = torch.cat([timesteps, timesteps])
             guidance = torch.cat([guidance, guidance])
-        noise = self._postprocess_noise(self._forward(latents, timesteps, embeds, states, guidance))
+        with self._lora_rows(states, use_cfg):
+            noise = self._postprocess_noise(self._forward(latents, timesteps, embeds, states, guidance))
         if use_cfg:
             uncond_noise, cond_noise = noise.chunk(2)
         row = 0
@@ -268,6 +287,13 @@ class DiTAdapter(ABC):
             t = s.timesteps[s.step]
             s.latents = s.scheduler.step(noise_i, t, s.latents, **s.step_kwargs, return_dict=False)[0]
             s.step += 1
+
+    def _lora_rows(self, states: list[RequestState], use_cfg: bool) -> contextlib.AbstractContextManager:
+        """The call's per-row adapters, or nothing when no request in it names one."""
+        groups = [(s.n, s.params.loras) for s in states]
+        if not any(refs for _, refs in groups):
+            return contextlib.nullcontext()
+        return self.lora.rows(row_loras(groups, use_cfg), self.device, self.dtype)
 
     def combine_guidance(self, state: RequestState, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """One request's guided prediction from its unconditional and conditional ones."""
@@ -293,8 +319,7 @@ class DiTAdapter(ABC):
         vae = self.pipe.vae
         # Large VAE batches fall out of a CPU's caches; split them (a GPU takes them whole).
         per_call = max(1, self.vae_pixels_per_call // (params.width * params.height))
-        image = torch.cat([vae.decode(chunk.to(vae.dtype), return_dict=False)[0]
-                           for chunk in latents.split(per_call)])
+        image = torch.cat([self._vae_decode(chunk.to(vae.dtype)) for chunk in latents.split(per_call)])
         array = self.pipe.image_processor.postprocess(image, output_type="np")
         # The same rounding as diffusers' numpy_to_pil, so pixels equal output_type="pil".
         pixels = (array * 255).round().astype(np.uint8)
@@ -303,6 +328,10 @@ class DiTAdapter(ABC):
             out.append(pixels[row:row + lat.shape[0]])
             row += lat.shape[0]
         return out
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE on a chunk of latents, as the pipeline calls it."""
+        return self.pipe.vae.decode(latents, return_dict=False)[0]
 
     @torch.inference_mode()
     def preview(self, state: RequestState) -> np.ndarray:

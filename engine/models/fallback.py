@@ -55,6 +55,7 @@ class PipelineRun:
     prompt: str
     kwargs: dict[str, Any]
     pipe: DiffusionPipeline
+    device: torch.device | None = None  # a CUDA device is current per thread: the call's thread sets it
     step: int = 0
     latents: torch.Tensor | None = None
     images: np.ndarray | None = None
@@ -107,6 +108,8 @@ class PipelineRun:
 
     def _run(self) -> None:
         try:
+            if self.device is not None and self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
             out = self.pipe(self.prompt, **self.kwargs, callback_on_step_end=self._on_step_end)
             array = out.images if hasattr(out, "images") else out[0]
             # The same rounding as diffusers' numpy_to_pil, so pixels equal output_type="pil".
@@ -218,7 +221,7 @@ class PipelineFallback:
         return kwargs
 
     def new_states(self, request_ids: list[str], prompts: list[str], params: list[ImageParams]) -> list[PipelineRun]:
-        return [PipelineRun(rid, p, prompt, self.call_kwargs(p), self._pipe_for_one_call())
+        return [PipelineRun(rid, p, prompt, self.call_kwargs(p), self._pipe_for_one_call(), self.device)
                 for rid, prompt, p in zip(request_ids, prompts, params)]
 
     def _pipe_for_one_call(self) -> DiffusionPipeline:

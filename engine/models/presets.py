@@ -3,7 +3,8 @@
 ``shapes`` (the default) is a small trained model whose weights ship with gfdit; the
 ``tiny-*``/``small-*`` presets are built in code with random weights, for tests and benchmarks.
 They let gfdit run, test and benchmark with no model download. Each random preset is a genuine
-``PixArtSigmaPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` whose modules
+``PixArtSigmaPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` /
+``QwenImagePipeline`` / ``ZImagePipeline`` (``presets_qwen.py``) whose modules
 are tiny (a few layers) and seeded, so every build gives the same weights, and whose
 tokenizers are built in memory. ``small-pixart`` (~30M parameters) is sized so that on a
 CPU the transformer, not Python, dominates a step.
@@ -228,6 +229,10 @@ PRESETS: dict[str, PresetSpec] = {
     "small-pixart": PresetSpec(build_small_pixart, 512, 20, "PixArt-Sigma, 12 layers x 384 (~30M), random weights"),
     "tiny-sd3": PresetSpec(build_tiny_sd3, 256, 28, "Stable Diffusion 3, 2 layers, random weights"),
     "tiny-flux": PresetSpec(build_tiny_flux, 256, 28, "FLUX, 1+1 layers, random weights"),
+    "tiny-qwen-image": PresetSpec(_lazy("engine.models.presets_qwen:build_tiny_qwen_image"), 256, 20,
+                                  "Qwen-Image, 2 layers, Qwen2.5-VL text encoder, random weights"),
+    "tiny-z-image": PresetSpec(_lazy("engine.models.presets_qwen:build_tiny_z_image"), 256, 20,
+                               "Z-Image, 1+2 layers, Qwen3 text encoder, random weights"),
     "tiny-sana": PresetSpec(_lazy("engine.models.tiny_sana:build_tiny_sana"), 64, 20,
                             "SANA, 1 layer, random weights (no native adapter: the whole-pipeline fallback)"),
 }

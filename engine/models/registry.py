@@ -29,6 +29,10 @@ FAMILIES: dict[str, Family] = {
                   "engine.distributed.ulysses:install_sd3"),
     "flux": Family("engine.models.flux:FluxAdapter", ("FluxPipeline",),
                    "engine.distributed.ulysses:install_flux"),
+    "qwen-image": Family("engine.models.qwen_image:QwenImageAdapter", ("QwenImagePipeline",),
+                         "engine.distributed.ulysses_qwen:install_qwen_image"),
+    "z-image": Family("engine.models.z_image:ZImageAdapter", ("ZImagePipeline",),
+                      "engine.distributed.ulysses_qwen:install_z_image"),
 }
 
 

@@ -156,8 +156,14 @@ class CostModel:
         self._cache[key] = value
         return value
 
-    def step_s(self, tokens: int, batch: int = 1, degree: int = 1) -> float:
-        return self.stage_s(Stage.DENOISE, tokens, batch, degree)
+    def step_s(self, tokens: int, batch: int = 1, degree: int = 1, lora: bool = False) -> float:
+        """One denoise step; ``lora``: the images run LoRA rows, whose low-rank matmuls add
+        the profile's ``lora_overhead`` to the per-image work (not to the per-task cost)."""
+        seconds = self.stage_s(Stage.DENOISE, tokens, batch, degree)
+        if lora and self.profile.lora_overhead:
+            fixed = self._fits[("denoise", degree)].coef[0] / 1e3
+            seconds += (seconds - fixed) * self.profile.lora_overhead
+        return seconds
 
     def migration_s(self, tokens: int, images: int = 1) -> float:
         return self.migration.cost_ms(tokens, images) / 1e3

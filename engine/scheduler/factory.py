@@ -45,8 +45,9 @@ def default_max_batch_tokens(info: ModelInfo) -> int | None:
 
 
 def load_cost_model(profile: str | None, info: ModelInfo) -> CostModel | None:
-    """The profile asked for, else the shipped one measured on this model, else None."""
-    name = profile or shipped_profile_for(info.name)
+    """The profile asked for, else the shipped one measured on this model or serving its
+    family, else None."""
+    name = profile or shipped_profile_for(info.name, info.family)
     if name is None:
         return None
     cost_model = CostModel.load(name)

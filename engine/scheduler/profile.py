@@ -11,6 +11,8 @@ Schema (``"schema": 1``)::
       "schema": 1,
       "model": "small-pixart",        # what was measured; the engine picks a shipped
                                       # profile whose model matches its own by default
+      "family": "pixart",             # optional: the profile also serves by default every
+                                      # model of this family (engine/models/registry.py)
       "device": "cpu (2 cores, 1 torch thread)",
       "source": "how the figures were obtained",
       "size_multiple": 16,            # pixels per token side (VAE factor x patch size):
@@ -85,6 +87,10 @@ class Profile:
     source: str = ""
     migration: MigrationSpec = field(default_factory=MigrationSpec)
     notes: tuple[str, ...] = ()
+    family: str = ""
+    # How much a denoise step's per-image work grows for an image that runs LoRA rows (0.1:
+    # 10% more); measured by benchmarks/benchmark_lora.py (its lora_overhead minus 1).
+    lora_overhead: float = 0.0
 
     @property
     def latent(self) -> LatentSpec:
@@ -107,9 +113,13 @@ class Profile:
             profile = cls(model=str(data["model"]), size_multiple=int(data["size_multiple"]),
                           default_steps=int(data["default_steps"]), points=points,
                           device=str(data.get("device", "")), source=str(data.get("source", "")),
-                          migration=migration, notes=tuple(data.get("notes", ())))
+                          migration=migration, notes=tuple(data.get("notes", ())),
+                          family=str(data.get("family", "")),
+                          lora_overhead=float(data.get("lora_overhead", 0.0)))
         except (KeyError, TypeError) as exc:
             raise ProfileError(f"malformed profile: {exc!r}") from None
+        if not 0.0 <= profile.lora_overhead <= 10.0:
+            raise ProfileError(f"lora_overhead must be in [0, 10], got {profile.lora_overhead}")
         if profile.size_multiple < 1 or profile.default_steps < 1:
             raise ProfileError("size_multiple and default_steps must be >= 1")
         if not any(p.stage == "denoise" for p in points):
@@ -118,10 +128,11 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA_VERSION, "model": self.model, "device": self.device, "source": self.source,
+            "schema": SCHEMA_VERSION, "model": self.model, **({"family": self.family} if self.family else {}),
+            "device": self.device, "source": self.source,
             "size_multiple": self.size_multiple, "default_steps": self.default_steps,
             "points": [asdict(p) for p in self.points],
-            "migration": asdict(self.migration), "notes": list(self.notes),
+            "migration": asdict(self.migration), "notes": list(self.notes), "lora_overhead": self.lora_overhead,
         }
 
     @classmethod
@@ -148,10 +159,14 @@ def shipped_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
 
 
-def shipped_profile_for(model: str) -> str | None:
-    """The name of a shipped profile measured on ``model``, if there is one."""
-    for name in shipped_profiles():
-        if Profile.load(name).model == model:
+def shipped_profile_for(model: str, family: str | None = None) -> str | None:
+    """The shipped profile measured on ``model``, else one that serves its ``family``."""
+    profiles = {name: Profile.load(name) for name in shipped_profiles()}
+    for name, profile in profiles.items():
+        if profile.model == model:
+            return name
+    for name, profile in profiles.items():
+        if family and profile.family == family:
             return name
     return None
 

@@ -129,7 +129,7 @@ class RayEngineClient:
         if self._closed:
             raise EngineDeadError("the engine client is shut down")
         params = self.resolve_params(params)
-        check_prompt(prompt, self.config.limits)
+        check_prompt(prompt, self.config.limits, self.model_info)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._inflight:
             raise InvalidParamsError(f"request id {request_id!r} is already in use", "request_id")

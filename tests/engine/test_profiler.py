@@ -65,6 +65,9 @@ class FakeExecutor(Executor):
     def free(self, rank, request_ids) -> None:
         pass
 
+    async def lora_command(self, name, path):
+        return []
+
     async def shutdown(self) -> None:
         pass
 

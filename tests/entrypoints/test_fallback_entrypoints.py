@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import subprocess
 import sys
 
@@ -48,8 +49,12 @@ def test_the_api_server_serves_it_and_refuses_what_it_cannot_do(make_server, pre
         assert info.value.body["param"] == param
 
 
-async def test_gfdit_batch_runs_its_lines(tmp_path, preset_pipelines):
-    engine = await AsyncEngine.create(model=SANA, device="cpu", executor="inprocess")
+async def test_the_start_up_log_says_so_in_one_line_and_gfdit_batch_runs_its_lines(tmp_path, preset_pipelines,
+                                                                                      caplog):
+    with caplog.at_level(logging.INFO, logger="engine.async_engine"):
+        engine = await AsyncEngine.create(model=SANA, device="cpu", executor="inprocess")
+    said = [r for r in caplog.records if "whole-pipeline fallback" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0].getMessage()
     try:
         lines = [json.dumps({"id": f"j{i}", "prompt": "a blue cat", "size": 64, "steps": 2, "seed": i})
                  for i in range(2)]
@@ -62,6 +67,7 @@ async def test_gfdit_batch_runs_its_lines(tmp_path, preset_pipelines):
         assert_close(pixels, reference(preset_pipelines, "a blue cat", i, 2))
 
 
+@pytest.mark.slow
 def test_gfdit_generate_says_so_in_one_line_and_writes_the_image(tmp_path):
     target = tmp_path / "cat.png"
     result = subprocess.run(

@@ -3,6 +3,7 @@
 import multiprocessing as mp
 import traceback
 
+import pytest
 import torch
 
 from engine.distributed.shm_channels import World
@@ -50,6 +51,7 @@ def _run_sizes(adapter, sp, rank, sizes):
         return results
 
 
+@pytest.mark.timeout(600)  # every family in one pair of processes
 def test_degree_two_matches_degree_one_and_the_pipeline(preset_pipelines):
     """One pair of processes runs every family, alternating a request between degree 2 and 1."""
     from tests.helpers import pipeline_reference
@@ -62,7 +64,7 @@ def test_degree_two_matches_degree_one_and_the_pipeline(preset_pipelines):
     for p in procs:
         p.start()
     try:
-        results = dict(queue.get(timeout=180) for _ in procs)
+        results = dict(queue.get(timeout=540) for _ in procs)
     finally:
         for p in procs:
             p.join(timeout=30)

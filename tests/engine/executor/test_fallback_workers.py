@@ -11,7 +11,8 @@ from engine import AsyncEngine, ImageParams
 from engine.messages import Stage
 from tests.helpers import assert_matches_pipeline, record_tasks
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
+# Two worker processes each building the pipeline: slow on a small CPU (pytest -m slow).
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300), pytest.mark.slow]
 
 SANA = "tiny-sana"
 
