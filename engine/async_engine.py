@@ -159,6 +159,9 @@ class AsyncEngine:
         if self.model_info is None:
             raise EngineDeadError("the engine is not started")
         resolved = (params or ImageParams()).resolve(self.model_info, self.config.limits)
+        if resolved.loras and not self.model_info.per_request_lora:
+            raise InvalidParamsError(f"model {self.model_info.name} ({self.model_info.family}) does not "
+                                     "take per-request LoRA adapters", "loras")
         self.loras.check_known(resolved.loras)
         return resolved
 
@@ -178,9 +181,6 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidParamsError(f"request id {request_id!r} is already in use", "request_id")
-        if params.loras and self.model_info.backend == "pipeline":  # type: ignore[union-attr]
-            raise InvalidParamsError("this model runs through the whole-pipeline fallback, which has no "
-                                     "per-request LoRA", "loras")
         self.loras.acquire(request_id, params.loras)
         key = self.model_info.batch_key(params, request_id)  # type: ignore[union-attr]
         request = Request(request_id, prompt, params, key, time.monotonic())

@@ -124,6 +124,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     state_transfer: bool = True
     # Whether the worker can decode the latents mid-way (partial_images).
     previews: bool = True
+    # Whether requests may name LoRA adapters applied to their own rows of a shared call.
+    per_request_lora: bool = True
     # How the worker runs requests: "stages" (the adapter's encode/denoise/decode) or
     # "pipeline" (the whole diffusers pipeline per request, stepped through its callback).
     backend: str = "stages"

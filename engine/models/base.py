@@ -107,6 +107,8 @@ class DiTAdapter(ABC):
     default_true_cfg_scale: ClassVar[float | None] = None
     # Under "cfg", guidance runs for guidance_scale above this (Z-Image: any scale above 0).
     cfg_threshold: ClassVar[float] = 1.0
+    # False where the family's denoise does not run its rows through _lora_rows.
+    per_request_lora: ClassVar[bool] = True
 
     def __init__(self, pipe: DiffusionPipeline, name: str, default_size: int | None = None,
                  default_steps: int | None = None) -> None:
@@ -165,6 +167,7 @@ class DiTAdapter(ABC):
                 guidance=self.guidance,
                 cfg_threshold=self.cfg_threshold,
                 prompt_limit=self.prompt_limit(),
+                per_request_lora=self.per_request_lora,
                 sequence_parallel=entry is not None and entry.sequence_parallel is not None,
                 device=str(self.device),
                 dtype=str(self.dtype).removeprefix("torch."),

@@ -192,7 +192,7 @@ class PipelineFallback:
                 latent=self.latent_spec(), max_size=4096, num_heads=1, guidance=guidance,
                 device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                 step_batching=False, sequence_parallel=False, state_transfer=False, previews=False,
-                backend="pipeline")
+                per_request_lora=False, backend="pipeline")
         return self._info
 
     def rows(self, params: ImageParams) -> int:

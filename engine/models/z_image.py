@@ -41,6 +41,9 @@ class ZImageAdapter(DiTAdapter):
     default_guidance = 5.0
     cfg_threshold = 0.0
     max_sequence_length = 512
+    # Its transformer takes lists of rows in its own order (see denoise), which the per-row
+    # LoRA assignment does not follow yet: refuse loras rather than ignore them.
+    per_request_lora = False
 
     def _pipeline_default_size(self) -> int:
         return 1024

@@ -41,6 +41,8 @@ CASES = [
                       "cfg_normalization": 1.1}, [
         ({"cfg_truncation": 1.5}, "cfg_truncation"), ({"cfg_normalization": -1}, "cfg_normalization"),
         ({"size": "64x56"}, "size"), ({"prompt": LONG}, "prompt"), ({"negative_prompt": LONG}, "negative_prompt"),
+        # Z-Image's rows are not yet assigned LoRA per row: refused, never silently ignored.
+        ({"loras": [{"name": "ink"}]}, "loras"),
     ]),
 ]
 
