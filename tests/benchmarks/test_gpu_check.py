@@ -32,6 +32,7 @@ def test_bad_usage_is_one_line_and_exit_2(args, tmp_path):
     assert done.stderr.strip() == "usage: bash benchmarks/gpu_check.sh OUT_DIR [--dry-run]"
 
 
+@pytest.mark.slow  # about 110 s of CPU: outside the default run, `pytest -m slow` runs it
 @pytest.mark.timeout(1500)  # seven fresh Python processes; minutes on a shared 2-core CPU
 def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
     out = tmp_path / "out"

@@ -41,4 +41,4 @@ def test_several_workers_on_mig_instances_are_refused():
 def test_the_command_line_says_so_in_one_line(two_gpus, capsys):
     assert main(["generate", "a fox", "--device", "cuda", "--num-workers", "3"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: 3 workers on 2 GPU(s) (cuda:0 would hold several)")
+    assert len(err) == 1 and err[0].startswith("gfdit: error: 3 workers on 2 GPU(s) (cuda:0 would hold several)")

@@ -39,6 +39,9 @@ class IdleExecutor(Executor):
     def free(self, rank, request_ids) -> None:
         pass
 
+    async def lora_command(self, name, path):
+        return []
+
     async def shutdown(self) -> None:
         pass
 
