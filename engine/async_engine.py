@@ -37,7 +37,7 @@ from engine.params import ImageParams, InvalidParamsError, check_prompt
 from engine.request import Request, RequestStatus
 from engine.scheduler.factory import load_cost_model, make_scheduler
 from engine.scheduler.scheduler import RequestUpdate, Scheduler, UpdateKind
-from engine.stats import EngineObserver, RequestStats, TaskStats
+from engine.stats import EngineObserver, RequestStats, TaskStats, notify_observers
 from engine.telemetry import Source
 
 if TYPE_CHECKING:
@@ -425,11 +425,7 @@ class AsyncEngine:
         self._notify(lambda observer: observer.on_request(stats))
 
     def _notify(self, call: Callable[[EngineObserver], None]) -> None:
-        for observer in self._observers:
-            try:
-                call(observer)
-            except Exception:  # noqa: BLE001 - a broken metric must not fail requests
-                logger.exception("engine observer %r failed", observer)
+        notify_observers(self._observers, call)
 
     @staticmethod
     def _output(request: Request, update: RequestUpdate, *, finished: bool) -> RequestOutput:

@@ -8,6 +8,8 @@ metric must never fail a request.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,3 +52,12 @@ class EngineObserver(Protocol):
     def on_task(self, stats: TaskStats) -> None: ...
 
     def on_request(self, stats: RequestStats) -> None: ...
+
+
+def notify_observers(observers: Iterable[EngineObserver], call: Callable[[EngineObserver], None]) -> None:
+    """Call every observer; one that raises is logged, never passed on to the request."""
+    for observer in observers:
+        try:
+            call(observer)
+        except Exception:  # noqa: BLE001 - a broken metric must not fail requests
+            logging.getLogger(__name__).exception("engine observer %r failed", observer)

@@ -37,7 +37,7 @@ from engine.messages import ModelInfo
 from engine.outputs import RequestAbortedError, RequestFailedError, RequestOutput
 from engine.params import ImageParams, InvalidParamsError, check_prompt
 from engine.request import RequestStatus
-from engine.stats import EngineObserver, RequestStats, TaskStats
+from engine.stats import EngineObserver, RequestStats, TaskStats, notify_observers
 from entrypoints.ray_serve.deployment import APP_NAME, DEPLOYMENT_NAME, ReplicaOptions, build_app
 from entrypoints.ray_serve.replica import ReplicaError, ReplicaItem
 
@@ -272,11 +272,7 @@ class RayEngineClient:
         self._notify(lambda observer: observer.on_request(stats))
 
     def _notify(self, call: Callable[[EngineObserver], None]) -> None:
-        for observer in self._observers:
-            try:
-                call(observer)
-            except Exception:  # noqa: BLE001 - a broken metric must not fail requests
-                logger.exception("engine observer %r failed", observer)
+        notify_observers(self._observers, call)
 
 
 class ReplicaCollector(Collector):
