@@ -6,7 +6,16 @@ application (one ``EngineReplica`` per replica, its placement group, scaling),
 ``replica`` is what runs in each replica, ``client`` is the front end's engine client.
 """
 
-from entrypoints.ray_serve.client import RayEngineClient
-from entrypoints.ray_serve.deployment import ReplicaOptions
+import os
+
+# Serve's latency mode: the router runs on the caller's event loop and a replica's methods
+# on the replica's own loop, instead of a hop to another thread each way. Serve reads it
+# when ray.serve is first imported, so it is set before any import below; the replicas get
+# it through their runtime environment (deployment.py). The engine never blocks its loop,
+# which is what running on the replica's loop asks of it.
+os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+
+from entrypoints.ray_serve.client import RayEngineClient  # noqa: E402
+from entrypoints.ray_serve.deployment import ReplicaOptions  # noqa: E402
 
 __all__ = ["RayEngineClient", "ReplicaOptions"]

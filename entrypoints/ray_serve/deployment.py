@@ -8,6 +8,7 @@ replaces dead ones.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from entrypoints.ray_serve.replica import EngineReplica
 
 APP_NAME = "gfdit"
 DEPLOYMENT_NAME = "EngineReplica"
+# Serve's latency mode (see entrypoints/ray_serve/__init__.py), for the replica processes.
+_SERVE_MODE = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class ReplicaOptions:
             "name": DEPLOYMENT_NAME,
             **scaling,
             # The replica actor takes its resources from the first bundle.
-            "ray_actor_options": {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker},
+            "ray_actor_options": {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker,
+                                  "runtime_env": {"env_vars": {_SERVE_MODE: os.environ.get(_SERVE_MODE, "1")}}},
             "placement_group_bundles": self.bundles,
             "placement_group_strategy": "STRICT_PACK",
             "max_ongoing_requests": self.max_ongoing_requests or 2 * max_batch_size,

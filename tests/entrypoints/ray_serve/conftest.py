@@ -38,6 +38,7 @@ class RayCluster:
         self.url = self.server.url
         self._psutil = psutil
         self.closed = False
+        self._handle = None
 
     def run(self, coro: Any) -> Any:
         return self._runner.run(coro)
@@ -45,17 +46,23 @@ class RayCluster:
     def statuses(self, want: int = 2, timeout: float = 60.0) -> dict[str, Any]:
         """Each live replica's ReplicaStatus, by replica id: Serve routes each call to a replica
         of its choice, so call until ``want`` different replicas have answered."""
-        from ray import serve
-
-        handle = serve.get_app_handle(self.client.app_name)
         seen: dict[str, Any] = {}
         deadline = time.monotonic() + timeout
         while len(seen) < want:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only replicas {sorted(seen)} answered")
-            status = handle.status.remote().result(timeout_s=timeout)
+            status = self._status_handle().status.remote().result(timeout_s=timeout)
             seen[status.replica_id] = status
         return seen
+
+    def _status_handle(self) -> Any:
+        """One handle for every status call: a handle's router learns the replicas from Serve's
+        controller before its first call, which a fresh handle per call would pay each time."""
+        from ray import serve
+
+        if self._handle is None:
+            self._handle = serve.get_app_handle(self.client.app_name)
+        return self._handle
 
     def descendants(self) -> list[Any]:
         return self._psutil.Process().children(recursive=True)

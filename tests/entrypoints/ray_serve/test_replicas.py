@@ -162,7 +162,7 @@ async def test_killed_replica_mid_request_every_request_ends_and_serve_restarts_
 
     url = ray_cluster.url + "/v1/images/generations"
     retries_before = metric(ray_cluster.url, "gfdit_replica_retries_total")
-    body = {"prompt": "a fox", "size": "128x128", "num_inference_steps": 60}
+    body = {"prompt": "a fox", "size": "128x128", "num_inference_steps": 200}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
 
         async def post(seed: int) -> tuple[int, dict]:
@@ -174,17 +174,14 @@ async def test_killed_replica_mid_request_every_request_ends_and_serve_restarts_
                 assert reply.status == 200
                 return parse_sse(await reply.text())
 
-        # JSON and streamed requests, until both replicas are working on some.
-        requests: list[asyncio.Task] = []
+        # JSON and streamed requests, all at once, long enough that both replicas work on some.
+        requests = [asyncio.create_task(post(seed) if seed % 2 == 0 else stream(seed)) for seed in range(8)]
         deadline = time.monotonic() + 90
         while True:
-            if len(requests) < 8:
-                seed = len(requests)
-                requests.append(asyncio.create_task(post(seed) if seed % 2 == 0 else stream(seed)))
             statuses = await asyncio.to_thread(ray_cluster.statuses)
             if all(s.running for s in statuses.values()):
                 break
-            assert time.monotonic() < deadline, statuses
+            assert time.monotonic() < deadline, (statuses, [t.done() for t in requests])
             await asyncio.sleep(0.2)
         victim = sorted(statuses, key=lambda r: -statuses[r].running)[0]
         actor = ray.get_actor(f"SERVE_REPLICA::{ray_cluster.client.app_name}#EngineReplica#{victim}",
