@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from engine.params import LoraRef
+from engine.params import LoraRef, StepCache
 
 Quality = Literal["auto", "low", "medium", "high"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -55,6 +55,9 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
     # LoRA adapters loaded on the server (GET /v1/loras), each with its strength.
     loras: list[LoraRef] | None = None
+    # Step caching: {"method": "fbcache", "threshold": 0.08} (or "none" to turn the
+    # server's --cache off); checked by the engine, a bad value is a 400 naming cache.
+    cache: StepCache | None = None
     # Scheduling hints: higher priority is served first; the images are wanted within
     # deadline_s seconds of arrival (deadline-aware policies use it; others ignore it).
     priority: Annotated[int, Meta(ge=-1000, le=1000)] | None = None
