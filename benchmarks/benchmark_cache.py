@@ -27,7 +27,8 @@ JSON keys (--json PATH): model, prompts, steps, max_cached_steps, repeats, uncac
 per threshold: threshold, wall_s, wall_speedup, row_step_reduction, cached_fraction,
 psnr_db, accuracy and its parts, accuracy_drop_points), recommended (the same for the
 recommended threshold, plus accuracy_uncached), targets, met (target -> bool), step_cost
-(computed_ms, cached_ms, cached_step_cost, batch).
+(computed_ms, cached_ms, cached_step_cost, batch). A model other than ``shapes`` (the GPU
+check's FLUX-sized one) gets every figure but the accuracy ones.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ def accuracy(scenes, images) -> dict[str, float]:
     return {"accuracy": sum(parts.values()) / len(parts), **parts}
 
 
-def run(dit, prompts, seeds, cache, repeats: int) -> tuple[float, list]:
+def run(dit, prompts, seeds, cache, repeats: int, size: dict) -> tuple[float, list]:
     """The fastest of ``repeats`` runs of every prompt at once, and its outputs."""
     from engine.params import ImageParams
 
-    params = [ImageParams(seed=seed, cache=cache) for seed in seeds]
+    params = [ImageParams(seed=seed, cache=cache, **size) for seed in seeds]
     best, outputs = math.inf, []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -75,18 +76,19 @@ def run(dit, prompts, seeds, cache, repeats: int) -> tuple[float, list]:
     return best, outputs
 
 
-def step_cost(model: str, batch: int, steps: int) -> dict[str, float]:
+def step_cost(model: str, device: str, batch: int, steps: int, size: dict) -> dict[str, float]:
     """Per-step time of one denoise call on ``batch`` requests: computed vs cached."""
     import torch
 
     from engine.models.loader import load_adapter
     from engine.params import ImageParams, Limits, StepCache
 
-    adapter = load_adapter(model, device="cpu")
+    adapter = load_adapter(model, device=device)
     info = adapter.info()
+    sync = torch.cuda.synchronize if adapter.device.type == "cuda" else (lambda: None)
 
     def timed(cache) -> list[tuple[float, bool]]:
-        params = [ImageParams(seed=i, num_inference_steps=steps, cache=cache).resolve(info, Limits())
+        params = [ImageParams(seed=i, num_inference_steps=steps, cache=cache, **size).resolve(info, Limits())
                   for i in range(batch)]
         embeds = adapter.encode([f"a red circle on a blue background {i}" for i in range(batch)], params)
         states = [adapter.prepare(str(i), p, *embeds[i]) for i, p in enumerate(params)]
@@ -96,6 +98,7 @@ def step_cost(model: str, batch: int, steps: int) -> dict[str, float]:
             start = time.perf_counter()
             with torch.inference_mode():
                 adapter.denoise(states)
+            sync()
             out.append((time.perf_counter() - start, states[0].cached_steps > before))
         return out
 
@@ -110,7 +113,10 @@ def step_cost(model: str, batch: int, steps: int) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--model", default="shapes", help="a model other than shapes gets no accuracy figures")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", type=int, default=None, help="width and height (default: the model's)")
+    parser.add_argument("--steps", type=int, default=None, help="denoise steps (default: the model's)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--thresholds", default="0.05,0.1,0.15,0.2,0.3")
     parser.add_argument("--max-cached-steps", type=int, default=3)
@@ -130,28 +136,36 @@ def main() -> int:
     scenes = held_out_scenes(args.prompts)
     prompts = [caption(s) for s in scenes]
     seeds = list(range(len(prompts)))
-    with DiT(model=args.model) as dit:
-        steps = dit.model_info.default_steps
-        run(dit, prompts[:2], seeds[:2], None, 1)  # warm-up: first calls pay allocation and loading
-        base_s, base = run(dit, prompts, seeds, None, args.repeats)
+    scored = args.model == "shapes"
+    size = {k: v for k, v in (("width", args.size), ("height", args.size), ("num_inference_steps", args.steps))
+            if v is not None}
+
+    def readings(outputs) -> dict[str, float]:
+        return accuracy(scenes, [o.images[0] for o in outputs]) if scored else {}
+
+    with DiT(model=args.model, device=args.device) as dit:
+        steps = args.steps or dit.model_info.default_steps
+        run(dit, prompts[:2], seeds[:2], None, 1, size)  # warm-up: first calls pay allocation and loading
+        base_s, base = run(dit, prompts, seeds, None, args.repeats, size)
         base_images = [np.asarray(o.images[0]) for o in base]
         base_rows = sum(o.computed_steps for o in base)
-        uncached = {"wall_s": base_s, **accuracy(scenes, [o.images[0] for o in base])}
+        uncached = {"wall_s": base_s, **readings(base)}
         sweep = []
         for threshold in thresholds:
             cache = StepCache(threshold=threshold, max_cached_steps=args.max_cached_steps)
-            wall_s, outs = run(dit, prompts, seeds, cache, args.repeats)
+            wall_s, outs = run(dit, prompts, seeds, cache, args.repeats, size)
             computed = sum(o.computed_steps for o in outs)
-            acc = accuracy(scenes, [o.images[0] for o in outs])
+            acc = readings(outs)
             sweep.append({
                 "threshold": threshold, "wall_s": wall_s, "wall_speedup": base_s / wall_s,
                 "row_step_reduction": base_rows / computed,
                 "cached_fraction": sum(o.cached_steps for o in outs) / (computed + sum(o.cached_steps for o in outs)),
                 "psnr_db": float(np.mean([psnr(np.asarray(o.images[0]), b) for o, b in zip(outs, base_images)])),
                 **acc, "accuracy_drop_points": 100 * max(
-                    uncached[k] - acc[k] for k in ("color_accuracy", "background_accuracy", "shape_accuracy")),
+                    uncached[k] - acc[k] for k in ("color_accuracy", "background_accuracy", "shape_accuracy"))
+                if scored else 0.0,
             })
-    costs = step_cost(args.model, args.batch, steps)
+    costs = step_cost(args.model, args.device, args.batch, steps, size)
 
     def within(row: dict) -> bool:
         return row["psnr_db"] >= TARGETS["psnr_db"] and row["accuracy_drop_points"] <= TARGETS["accuracy_drop_points"]
@@ -167,16 +181,16 @@ def main() -> int:
            "accuracy_drop_points": best["accuracy_drop_points"] <= TARGETS["accuracy_drop_points"]}
     figures = {"model": args.model, "prompts": len(prompts), "steps": steps, "max_cached_steps": args.max_cached_steps,
                "repeats": args.repeats, "uncached": uncached, "sweep": sweep,
-               "recommended": {**best, "accuracy_uncached": uncached["accuracy"]}, "targets": TARGETS, "met": met,
+               "recommended": {**best, "accuracy_uncached": uncached.get("accuracy")}, "targets": TARGETS, "met": met,
                "step_cost": costs}
     write_json(args.json, figures)
 
     rows = [("threshold", "rows uncached/cached", "cached", "wall speed-up", "PSNR dB", "accuracy", "drop pts")]
-    rows.append(("none", "1.00", "0 %", "1.00", "-", f"{uncached['accuracy']:.3f}", "-"))
+    rows.append(("none", "1.00", "0%", "1.00", "-", f"{uncached.get('accuracy', math.nan):.3f}", "-"))
     for r in sweep:
         mark = " *" if r is best else ""
         rows.append((f"{r['threshold']:g}{mark}", f"{r['row_step_reduction']:.2f}", f"{r['cached_fraction']:.0%}",
-                     f"{r['wall_speedup']:.2f}", f"{r['psnr_db']:.1f}", f"{r['accuracy']:.3f}",
+                     f"{r['wall_speedup']:.2f}", f"{r['psnr_db']:.1f}", f"{r.get('accuracy', math.nan):.3f}",
                      f"{r['accuracy_drop_points']:.1f}"))
     print_table(f"{args.model}: {len(prompts)} prompts, {steps} steps, at most {args.max_cached_steps} cached steps "
                 f"in a row; uncached {base_s:.2f} s; * recommended", rows)

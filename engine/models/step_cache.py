@@ -172,10 +172,11 @@ class StepCache:
         if candidates:
             sums = []
             for e in candidates:
-                current = residual[e.rows]
-                previous = self._local(e.cache["first"]).to(current.dtype)
+                # In float32: bf16 sums over a whole image lose the small differences.
+                current = residual[e.rows].float()
+                previous = self._local(e.cache["first"]).float()
                 sums.append(torch.stack([(current - previous).abs().sum(), previous.abs().sum()]))
-            partial = torch.stack(sums).float()
+            partial = torch.stack(sums)
             sp = self.sp
             if sp is not None and sp.active:
                 # Every member adds the same parts in group order: the same decisions.
@@ -215,6 +216,8 @@ class StepCache:
                     final[e.rows] = first[e.rows] + self._local(e.cache["rest"]).to(first.dtype)
             if call.mode == SUBSET:
                 final = final.index_copy(0, call.keep, hidden)  # type: ignore[arg-type]
+                if self.narrow_rows is not None:
+                    self.narrow_rows(None)  # the output layers see every row again
         self._store(call, final)
         return (out[0], final) if self.tuple_output else final
 

@@ -121,3 +121,24 @@ def test_a_cached_request_moved_mid_way_continues_bit_for_bit(adapters):
 def test_z_image_and_the_fallback_have_no_step_cache(adapters):
     assert not adapters("tiny-z-image").info().step_cache
     assert adapters("tiny-pixart").info().step_cache
+
+
+def test_lora_rows_follow_the_rows_that_compute(lora_pipelines):
+    from engine.params import LoraRef
+
+    _, _, paths = lora_pipelines("tiny-flux")
+    adapter = load_adapter("tiny-flux", device="cpu")
+    for name, path in paths.items():
+        adapter.lora.load(name, path)
+    requests = [
+        ("a red fox", dict(seed=1, num_inference_steps=6, guidance_scale=4.0, cache=LOOSE,
+                           loras=(LoraRef(name="ink"),))),
+        ("a blue cat", dict(seed=2, num_inference_steps=6, guidance_scale=3.0, loras=(LoraRef(name="glow"),))),
+        ("a tree", dict(seed=3, num_inference_steps=6, guidance_scale=5.0, n=2)),
+    ]
+    mixed = _run_staggered(adapter, requests)
+    alone = _run_alone(adapter, requests)
+    for m, a in zip(mixed, alone):
+        assert m.cached_steps == a.cached_steps
+        assert (m.latents - a.latents).abs().max().item() <= 1e-4
+    assert mixed[0].cached_steps == 3
