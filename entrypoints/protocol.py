@@ -173,7 +173,9 @@ def decode_generation_request(body: bytes) -> ImageGenerationRequest:
         if found := _MISSING.search(message):
             raise APIError(400, message, param=found.group(1), code="missing_required_parameter") from None
         if found := _UNKNOWN.search(message):
-            raise APIError(400, message, param=found.group(1), code="unknown_parameter") from None
+            # Inside an object field (cache), the field is the param; at the top, the unknown name.
+            inside = _PATH.search(message)
+            raise APIError(400, message, param=(inside or found).group(1), code="unknown_parameter") from None
         found = _PATH.search(message)
         raise APIError(400, message, param=found.group(1) if found else None, code="invalid_value") from None
     except msgspec.DecodeError as exc:

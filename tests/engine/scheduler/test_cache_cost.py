@@ -39,7 +39,8 @@ def test_a_request_reports_its_measured_hit_rate():
     assert r.cache_hit_rate == 0.0
     r.step, r.cached_steps = 6, 3
     assert r.cache_hit_rate == 0.5 and r.computed_steps == 3
-    plain = Request("q", "p", ImageParams(width=64, height=64), MODEL.batch_key(ImageParams()), 0.0)
+    plain_params = ImageParams(width=64, height=64)
+    plain = Request("q", "p", plain_params, MODEL.batch_key(plain_params), 0.0)
     assert plain.cache_hit_rate == 0.0
     assert ItemResult("r", 1).cached_steps == 0
 
