@@ -33,7 +33,7 @@ class ModelConfig:
     compile: bool = False
     """torch.compile (inductor) the transformer's repeated blocks; the first steps at a new batch layout or image size pay the compile, logged."""
     cache: str | None = None
-    """Step cache of requests that name none: fbcache:THRESHOLD[:MAX_CACHED_STEPS] (e.g. fbcache:0.08) or none; a request's own cache wins. Ignored for models without a step cache."""
+    """Step cache of requests that name none: fbcache:THRESHOLD[:MAX_CACHED_STEPS] (e.g. fbcache:0.3) or none; a request's own cache wins. Ignored for models without a step cache."""
 
     def __post_init__(self) -> None:
         if self.cache:  # a bad --cache fails at start, naming the flag's format

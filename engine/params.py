@@ -53,8 +53,9 @@ CACHE_METHODS = ("fbcache",)
 # A cached step reuses a residual computed at an earlier step; past a few in a row the
 # reused residual is stale enough to blur fine detail, so a computed step is forced.
 DEFAULT_MAX_CACHED_STEPS = 3
-# The threshold benchmarks/benchmark_cache.py recommends for the default model.
-DEFAULT_CACHE_THRESHOLD = 0.08
+# The threshold of a cache that names none: a middle value of the default model's sweep
+# (benchmarks/benchmark_cache.py); other models want their own sweep.
+DEFAULT_CACHE_THRESHOLD = 0.3
 MAX_CACHED_STEPS = 100
 
 
@@ -83,7 +84,7 @@ class StepCache(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, f
             cache = cls(method=method, threshold=float(threshold) if threshold else DEFAULT_CACHE_THRESHOLD,
                         max_cached_steps=int(bound) if bound else DEFAULT_MAX_CACHED_STEPS)
         except ValueError:
-            raise InvalidParamsError(f"cache must be METHOD:THRESHOLD[:MAX_CACHED_STEPS] such as fbcache:0.08, "
+            raise InvalidParamsError(f"cache must be METHOD:THRESHOLD[:MAX_CACHED_STEPS] such as fbcache:0.3, "
                                      f"or none; got {text!r}", "cache") from None
         return check_cache(cache)
 

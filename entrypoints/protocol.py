@@ -55,7 +55,7 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
     # LoRA adapters loaded on the server (GET /v1/loras), each with its strength.
     loras: list[LoraRef] | None = None
-    # Step caching: {"method": "fbcache", "threshold": 0.08} (or "none" to turn the
+    # Step caching: {"method": "fbcache", "threshold": 0.3} (or "none" to turn the
     # server's --cache off); checked by the engine, a bad value is a 400 naming cache.
     cache: StepCache | None = None
     # Scheduling hints: higher priority is served first; the images are wanted within

@@ -170,13 +170,14 @@ class StepCache:
         assert residual is not None
         candidates = [e for e in call.entries if e.candidate]
         if candidates:
-            sums = []
-            for e in candidates:
-                # In float32: bf16 sums over a whole image lose the small differences.
-                current = residual[e.rows].float()
-                previous = self._local(e.cache["first"]).float()
-                sums.append(torch.stack([(current - previous).abs().sum(), previous.abs().sum()]))
-            partial = torch.stack(sums)
+            # All candidates' rows in one pass, summed per request by index_add (in
+            # float32: bf16 sums over a whole image lose the small differences).
+            rows = [row for e in candidates for row in e.rows]
+            owner = torch.tensor([k for k, e in enumerate(candidates) for _ in e.rows], device=residual.device)
+            current = residual[rows].float().flatten(1)
+            previous = torch.cat([self._local(e.cache["first"]) for e in candidates]).float().flatten(1)
+            per_row = torch.stack([(current - previous).abs().sum(1), previous.abs().sum(1)], dim=1)
+            partial = torch.zeros(len(candidates), 2, device=residual.device).index_add_(0, owner, per_row)
             sp = self.sp
             if sp is not None and sp.active:
                 # Every member adds the same parts in group order: the same decisions.
@@ -210,10 +211,10 @@ class StepCache:
         if call.mode == ALL:
             final = hidden
         else:
-            final = first.clone()
-            for e in call.entries:
-                if e.cached:
-                    final[e.rows] = first[e.rows] + self._local(e.cache["rest"]).to(first.dtype)
+            cached = [e for e in call.entries if e.cached]
+            index = torch.tensor([row for e in cached for row in e.rows], device=first.device)
+            rest = torch.cat([self._local(e.cache["rest"]) for e in cached]).to(first.dtype)
+            final = first.index_add(0, index, rest)  # each cached row: its first-block output + its rest
             if call.mode == SUBSET:
                 final = final.index_copy(0, call.keep, hidden)  # type: ignore[arg-type]
                 if self.narrow_rows is not None:
