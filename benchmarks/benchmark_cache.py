@@ -86,8 +86,8 @@ def step_cost(model: str, device: str, batch: int, steps: int, size: dict) -> di
     sync = torch.cuda.synchronize if adapter.device.type == "cuda" else (lambda: None)
 
     def timed(cache) -> list[tuple[float, bool]]:
-        params = [ImageParams(seed=i, num_inference_steps=steps, cache=cache, **size).resolve(info, Limits())
-                  for i in range(batch)]
+        shape = {**size, "num_inference_steps": steps}
+        params = [ImageParams(seed=i, cache=cache, **shape).resolve(info, Limits()) for i in range(batch)]
         embeds = adapter.encode([f"a red circle on a blue background {i}" for i in range(batch)], params)
         states = [adapter.prepare(str(i), p, *embeds[i]) for i, p in enumerate(params)]
         out = []
