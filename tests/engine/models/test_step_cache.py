@@ -123,7 +123,7 @@ def test_a_cached_request_moved_mid_way_continues_bit_for_bit(adapters):
 def test_only_families_with_a_block_stack_have_a_step_cache(adapters):
     assert adapters("tiny-pixart").info().step_cache
     # The whole-pipeline fallback runs diffusers' own loop: no step cache, so a 400.
-    assert not load_adapter("tiny-pixart", device="cpu", backend="diffusers").info().step_cache
+    assert not load_adapter("tiny-flux", device="cpu", backend="diffusers").info().step_cache
 
 
 @pytest.mark.slow
