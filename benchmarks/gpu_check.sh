@@ -20,8 +20,9 @@
 #   overhead    an engine step through a worker process vs the bare step and the bare
 #               transformer call, 512x512
 #   tflops      the transformer's achieved TFLOP/s at 1024x1024, batch 4, bf16
+#   cache       the step cache's speed-up: 8 requests at 512x512, 20 steps on that model,
+#               uncached against two thresholds (rows saved, wall speed-up, PSNR)
 #   compile     eager vs regionally compiled steps, small-pixart 512x512, 50 steps of 1-4 requests
-# Not measured: the step cache's speed-up (gfdit has no step cache yet).
 #
 # Exit status 0 when every step ran to its end (a failed gpu test fails the tests step).
 # Output (two files, since a lent machine returns at most eight): OUT_DIR/gpu_check.json
@@ -48,8 +49,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTH
 
 model="$work/flux-sized"
 gpu_tests="$(grep -rlE --include='test_*.py' 'pytest\.mark\.gpu' tests | sort | tr '\n' ' ')"
-steps=(env model tests throughput overhead tflops compile)
-declare -A limit=([env]=60 [model]=120 [tests]=270 [throughput]=150 [overhead]=120 [tflops]=90 [compile]=150)
+steps=(env model tests throughput overhead tflops cache compile)
+declare -A limit=([env]=60 [model]=120 [tests]=270 [throughput]=150 [overhead]=120 [tflops]=90 [compile]=150 [cache]=120)
 
 # The command of each step, on the GPU or (cpu) at tiny sizes for the dry run.
 commands() {
@@ -64,12 +65,14 @@ commands() {
         cmd[overhead]="\"\$py\" benchmarks/benchmark_executor.py --only overhead --model $m --device cuda --size 512 --overhead-rounds 4 --overhead-steps 8 --json $w/overhead.json"
         cmd[tflops]="\"\$py\" benchmarks/benchmark_tflops.py --model $m --device cuda --size 1024 --batch 4 --warmup 3 --iters 10 --json $w/tflops.json"
         cmd[compile]="\"\$py\" benchmarks/benchmark_compile.py --model small-pixart --device cuda --size 512 --steps 50 --json $w/compile.json"
+        cmd[cache]="\"\$py\" benchmarks/benchmark_cache.py --model $m --device cuda --size 512 --steps 20 --prompts 8 --thresholds 0.1,0.2 --repeats 1 --batch 4 --json $w/cache.json"
     else
         cmd[model]="\"\$py\" benchmarks/scaled_models.py --family flux --layers 1 --single-layers 1 --tiny --device cpu --out $m"
         cmd[throughput]="\"\$py\" benchmarks/benchmark_throughput.py --model $m --device cpu --size 64 --num-requests 2 --steps 2 --repeats 1 --json $w/throughput.json"
         cmd[overhead]="\"\$py\" benchmarks/benchmark_executor.py --only overhead --model $m --device cpu --size 64 --overhead-rounds 1 --overhead-steps 3 --json $w/overhead.json"
         cmd[tflops]="\"\$py\" benchmarks/benchmark_tflops.py --model $m --device cpu --size 64 --batch 2 --warmup 1 --iters 2 --json $w/tflops.json"
         cmd[compile]="\"\$py\" benchmarks/benchmark_compile.py --model tiny-pixart --device cpu --size 64 --steps 3 --backend eager --json $w/compile.json"
+        cmd[cache]="\"\$py\" benchmarks/benchmark_cache.py --model $m --device cpu --size 64 --steps 4 --prompts 2 --thresholds 0.5 --repeats 1 --batch 2 --json $w/cache.json"
     fi
 }
 
@@ -102,7 +105,7 @@ if [[ $dry_run -eq 1 ]]; then
     touch "$work/dry_run"
     export OMP_NUM_THREADS=1  # a shared CPU: one thread per process runs fastest
     commands gpu
-    echo "on a GPU this runs (cache speed-up not measured: gfdit has no step cache yet):"
+    echo "on a GPU this runs:"
     for name in "${steps[@]}"; do echo "  $name (at most ${limit[$name]} s): ${cmd[$name]}"; done
     commands cpu
 else
@@ -126,7 +129,6 @@ else
 fi
 
 for name in "${steps[@]}"; do step "$name"; done
-echo "== cache: not measured (gfdit has no step cache yet)"
 
 "$py" benchmarks/gpu_report.py summary "$work" "$out"
 rc=$?

@@ -33,7 +33,7 @@ from engine.outputs import (
     RequestMetrics,
     RequestOutput,
 )
-from engine.params import ImageParams, InvalidParamsError, check_prompt
+from engine.params import ImageParams, InvalidParamsError, check_cache_supported, check_prompt
 from engine.request import Request, RequestStatus
 from engine.scheduler.factory import load_cost_model, make_scheduler
 from engine.scheduler.scheduler import RequestUpdate, Scheduler, UpdateKind
@@ -158,10 +158,13 @@ class AsyncEngine:
         """Fill the model's defaults in and validate; raises InvalidParamsError."""
         if self.model_info is None:
             raise EngineDeadError("the engine is not started")
-        resolved = (params or ImageParams()).resolve(self.model_info, self.config.limits)
+        # The server's --cache applies where the model has a step cache; elsewhere it is off.
+        default = self.config.model.step_cache if self.model_info.step_cache else None
+        resolved = (params or ImageParams()).resolve(self.model_info, self.config.limits, default)
         if resolved.loras and not self.model_info.per_request_lora:
             raise InvalidParamsError(f"model {self.model_info.name} ({self.model_info.family}) does not "
                                      "take per-request LoRA adapters", "loras")
+        check_cache_supported(resolved, self.model_info)
         self.loras.check_known(resolved.loras)
         return resolved
 
@@ -421,7 +424,8 @@ class AsyncEngine:
         end = request.finished_time if request.finished_time is not None else time.monotonic()
         wait = None if request.first_scheduled_time is None else request.first_scheduled_time - request.arrival_time
         images = request.n if status == RequestStatus.FINISHED else 0
-        stats = RequestStats(request.request_id, status, images, end - request.arrival_time, wait)
+        stats = RequestStats(request.request_id, status, images, end - request.arrival_time, wait,
+                             computed_steps=request.computed_steps, cached_steps=request.cached_steps)
         self._notify(lambda observer: observer.on_request(stats))
 
     def _notify(self, call: Callable[[EngineObserver], None]) -> None:
@@ -444,4 +448,5 @@ class AsyncEngine:
             previews=[GeneratedImage.from_wire(i) for i in item.previews] if item else [],
             metrics=RequestMetrics(request.arrival_time, request.first_scheduled_time, request.finished_time),
             latents=latents,
+            cached_steps=request.cached_steps,
         )

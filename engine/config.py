@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.params import Limits
+from engine.params import Limits, StepCache
 
 # The built-in preset used when no model is named (see engine/models/presets.py).
 DEFAULT_MODEL = "shapes"
@@ -32,6 +32,16 @@ class ModelConfig:
     """auto (a native adapter where the family has one, else the whole diffusers pipeline per request) or diffusers (always the whole pipeline: no step batching, no sequence parallelism)."""
     compile: bool = False
     """torch.compile (inductor) the transformer's repeated blocks; the first steps at a new batch layout or image size pay the compile, logged."""
+    cache: str | None = None
+    """Step cache of requests that name none: fbcache:THRESHOLD[:MAX_CACHED_STEPS] (e.g. fbcache:0.3) or none; a request's own cache wins. Ignored for models without a step cache."""
+
+    def __post_init__(self) -> None:
+        if self.cache:  # a bad --cache fails at start, naming the flag's format
+            StepCache.parse(self.cache)
+
+    @property
+    def step_cache(self) -> StepCache | None:
+        return StepCache.parse(self.cache) if self.cache else None
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,8 @@ class ItemResult(msgspec.Struct, **_WIRE):
     previews: list[ImageData] = []
     latents: bytes | None = None
     latents_shape: list[int] = []
+    # Of the request's ``step`` steps so far, how many reused their cached residual.
+    cached_steps: int = 0
 
 
 class TaskResult(msgspec.Struct, tag=True, **_WIRE):

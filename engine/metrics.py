@@ -54,6 +54,11 @@ class EngineMetrics:
         self.stage_latency = Histogram("gfdit_task_latency_seconds", "One task, by stage.", ["stage"],
                                        buckets=STEP_BUCKETS, registry=r)
         self.images = Counter("gfdit_images_generated", "Images delivered.", registry=r)
+        self.steps = Counter("gfdit_request_steps", "Denoise steps of ended requests: computed (every transformer "
+                             "block ran) or cached (the step cache reused the later blocks' residual).", ["kind"],
+                             registry=r)
+        for kind in ("computed", "cached"):
+            self.steps.labels(kind)
         self.peak_memory = Gauge("gfdit_task_peak_memory_bytes",
                                  "Device memory of the last measured task by stage: the scheduler's predicted "
                                  "peak and the worker's actual one.", ["stage", "kind"], registry=r)
@@ -81,6 +86,8 @@ class EngineMetrics:
         self.requests.labels(outcome).inc()
         if stats.queue_wait_s is not None:
             self.queue_wait.observe(stats.queue_wait_s)
+        self.steps.labels("computed").inc(stats.computed_steps)
+        self.steps.labels("cached").inc(stats.cached_steps)
         if outcome == "finished":
             self.latency.observe(stats.latency_s)
             self.images.inc(stats.images)

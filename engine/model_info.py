@@ -126,6 +126,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     previews: bool = True
     # Whether requests may name LoRA adapters applied to their own rows of a shared call.
     per_request_lora: bool = True
+    # Whether requests may ask for step caching (ImageParams.cache) of their own rows.
+    step_cache: bool = False
     # How the worker runs requests: "stages" (the adapter's encode/denoise/decode) or
     # "pipeline" (the whole diffusers pipeline per request, stepped through its callback).
     backend: str = "stages"

@@ -96,6 +96,13 @@ class RequestOutput:
     latents: np.ndarray | None = None
     # Which engine replica made it, when the engine runs as several (None in process).
     replica: str | None = None
+    # Of the ``step`` steps done, how many reused their step-cache residual (params.cache).
+    cached_steps: int = 0
+
+    @property
+    def computed_steps(self) -> int:
+        """Steps done that ran every transformer block (all of them without a step cache)."""
+        return self.step - self.cached_steps
 
     @property
     def seed(self) -> int:

@@ -47,6 +47,48 @@ class LoraRef(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     scale: float = 1.0
 
 
+# Step-cache methods a request may name (engine/models/step_cache.py); "none" turns a
+# server default off for one request.
+CACHE_METHODS = ("fbcache",)
+# A cached step reuses a residual computed at an earlier step; past a few in a row the
+# reused residual is stale enough to blur fine detail, so a computed step is forced.
+DEFAULT_MAX_CACHED_STEPS = 3
+# The threshold of a cache that names none: a middle value of the default model's sweep
+# (benchmarks/benchmark_cache.py); other models want their own sweep.
+DEFAULT_CACHE_THRESHOLD = 0.3
+MAX_CACHED_STEPS = 100
+
+
+class StepCache(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """First-block step caching for one request (engine/models/step_cache.py).
+
+    At each step every row runs the transformer's first block; when the relative L1
+    change of that block's residual since the request's last computed step is under
+    ``threshold``, the request reuses the residual of the remaining blocks from that step
+    instead of running them. ``max_cached_steps`` bounds how many steps in a row may be
+    cached; the first and last steps are always computed. Threshold 0 caches nothing.
+    """
+
+    method: str = "fbcache"
+    threshold: float = DEFAULT_CACHE_THRESHOLD
+    max_cached_steps: int = DEFAULT_MAX_CACHED_STEPS
+
+    @classmethod
+    def parse(cls, text: str) -> StepCache | None:
+        """``fbcache:THRESHOLD[:MAX_CACHED_STEPS]`` (the ``--cache`` flag), or ``none``."""
+        method, _, rest = text.strip().partition(":")
+        if method in ("none", "off", ""):
+            return None
+        threshold, _, bound = rest.partition(":")
+        try:
+            cache = cls(method=method, threshold=float(threshold) if threshold else DEFAULT_CACHE_THRESHOLD,
+                        max_cached_steps=int(bound) if bound else DEFAULT_MAX_CACHED_STEPS)
+        except ValueError:
+            raise InvalidParamsError(f"cache must be METHOD:THRESHOLD[:MAX_CACHED_STEPS] such as fbcache:0.3, "
+                                     f"or none; got {text!r}", "cache") from None
+        return check_cache(cache)
+
+
 class InvalidParamsError(ValueError):
     """A request parameter is out of bounds; ``param`` names it (the API's 400 ``param``)."""
 
@@ -91,12 +133,16 @@ class ImageParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     return_latents: bool = False
     # LoRA adapters (loaded by name on the engine), applied together; () for the base model.
     loras: tuple[LoraRef, ...] = ()
+    # Step caching (StepCache); None: off, or the server's default (--cache) when resolved.
+    cache: StepCache | None = None
     # Scheduling hints: higher priority first; deadline in seconds after arrival.
     priority: int = 0
     deadline_s: float | None = None
 
-    def resolve(self, info: ModelDefaults, limits: Limits) -> ImageParams:
-        """Fill defaults from the model and check every bound; raises InvalidParamsError."""
+    def resolve(self, info: ModelDefaults, limits: Limits, default_cache: StepCache | None = None) -> ImageParams:
+        """Fill defaults from the model (and ``default_cache``, the server's step cache, when
+        the request names none) and check every bound; raises InvalidParamsError.
+        A resolved request's ``cache`` is None (off) or a checked StepCache."""
         width = info.default_width if self.width is None else self.width
         height = info.default_height if self.height is None else self.height
         steps = info.default_steps if self.num_inference_steps is None else self.num_inference_steps
@@ -141,8 +187,9 @@ class ImageParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise InvalidParamsError("deadline_s must be positive", "deadline_s")
         loras = _check_loras(self.loras, limits)
+        cache = check_cache(default_cache if self.cache is None else self.cache)
         return msgspec.structs.replace(
-            self, loras=loras, width=width, height=height, num_inference_steps=steps, guidance_scale=float(guidance),
+            self, loras=loras, cache=cache, width=width, height=height, num_inference_steps=steps, guidance_scale=float(guidance),
             true_cfg_scale=None if true_cfg is None else float(true_cfg), seed=seed, output_format=output_format)
 
 
@@ -180,6 +227,41 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
 def _check_number(name: str, value: object, low: float, high: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidParamsError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}", name)
+
+
+def check_cache_supported(params: ImageParams, info: object) -> None:
+    """Refuse a step cache the model cannot run (``ModelInfo.step_cache`` False: Z-Image,
+    the whole-pipeline fallback) rather than ignore it."""
+    if params.cache is not None and not getattr(info, "step_cache", False):
+        raise InvalidParamsError(f"model {getattr(info, 'name', '?')} ({getattr(info, 'family', '?')}) has no "
+                                 "per-request step cache; leave cache out", "cache")
+
+
+def check_cache(cache: object) -> StepCache | None:
+    """A request's step cache as a checked StepCache (a dict is accepted), or None when off."""
+    if cache is None:
+        return None
+    if isinstance(cache, dict):
+        try:
+            cache = msgspec.convert(cache, StepCache)
+        except msgspec.ValidationError as exc:
+            raise InvalidParamsError(f"cache: {exc}; expected {{\"method\": \"fbcache\", \"threshold\": number}}",
+                                     "cache") from None
+    if not isinstance(cache, StepCache):
+        raise InvalidParamsError("cache must be {\"method\": \"fbcache\", \"threshold\": number} or null", "cache")
+    if cache.method == "none":
+        return None
+    if cache.method not in CACHE_METHODS:
+        raise InvalidParamsError(f"cache method must be one of {', '.join(CACHE_METHODS)} or none, "
+                                 f"got {cache.method!r}", "cache")
+    threshold = cache.threshold
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
+        raise InvalidParamsError(f"cache threshold must be a number in [0, 1], got {threshold!r}", "cache")
+    bound = cache.max_cached_steps
+    if not isinstance(bound, int) or isinstance(bound, bool) or not 1 <= bound <= MAX_CACHED_STEPS:
+        raise InvalidParamsError(f"cache max_cached_steps must be an integer in [1, {MAX_CACHED_STEPS}], "
+                                 f"got {bound!r}", "cache")
+    return msgspec.structs.replace(cache, threshold=float(threshold))
 
 
 def _check_loras(loras: object, limits: Limits) -> tuple[LoraRef, ...]:

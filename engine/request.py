@@ -46,6 +46,7 @@ class Request:
         self.arrival_time = arrival_time
         self.status = RequestStatus.WAITING
         self.step = 0  # denoise steps done
+        self.cached_steps = 0  # of those, steps that reused their step-cache residual
         self.location: tuple[int, ...] | None = None  # ranks that hold the request's state
         self.task_id: int | None = None  # the task it is in, if any
         self.first_scheduled_time: float | None = None
@@ -80,6 +81,17 @@ class Request:
     @property
     def num_steps(self) -> int:
         return self.params.num_inference_steps  # type: ignore[return-value]
+
+    @property
+    def computed_steps(self) -> int:
+        """Denoise steps done that ran every transformer block."""
+        return self.step - self.cached_steps
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """The share of its steps so far that its step cache reused: what the cost model
+        expects of its remaining steps (0 before its first step, or without a cache)."""
+        return self.cached_steps / self.step if self.step and self.params.cache is not None else 0.0
 
     @property
     def n(self) -> int:

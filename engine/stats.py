@@ -46,6 +46,9 @@ class RequestStats:
     latency_s: float
     # From arrival to its first task; None if it never ran.
     queue_wait_s: float | None
+    # Denoise steps done that ran every block, and those that reused a step-cache residual.
+    computed_steps: int = 0
+    cached_steps: int = 0
 
 
 class EngineObserver(Protocol):

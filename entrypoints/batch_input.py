@@ -2,8 +2,9 @@
 
 A line is ``{"prompt": ...}`` plus optional ``id``, ``negative_prompt``, ``size`` ("WxH"
 or N), ``steps``, ``guidance``, ``true_cfg_scale``, ``cfg_normalization``, ``cfg_truncation``,
-``seed``, ``n``, ``output_format`` (png, jpeg, webp) and ``loras``
-(``[{"name": ..., "scale": ...}]``, adapters loaded with ``--lora``).
+``seed``, ``n``, ``output_format`` (png, jpeg, webp), ``loras``
+(``[{"name": ..., "scale": ...}]``, adapters loaded with ``--lora``) and ``cache``
+(``{"method": "fbcache", "threshold": ...}``, or ``"none"`` against ``--cache``).
 A line that cannot be used becomes a Job with ``error`` set, never an exception: one bad
 line must not stop a run of thousands.
 
@@ -23,10 +24,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from engine.params import MAX_SEED, ImageParams
+from engine.params import MAX_SEED, ImageParams, StepCache
 
 FIELDS = ("id", "prompt", "negative_prompt", "size", "steps", "guidance", "true_cfg_scale", "cfg_normalization",
-          "cfg_truncation", "seed", "n", "output_format", "loras")
+          "cfg_truncation", "seed", "n", "output_format", "loras", "cache")
 # Files are written as images; the engine's raw RGB bytes would be unreadable on disk.
 FILE_FORMATS = ("png", "jpeg", "webp")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -80,9 +81,17 @@ def _parse(text: str, line_number: int) -> Job:
         negative_prompt=data.get("negative_prompt"), n=1 if n is None else n, width=width, height=height,
         num_inference_steps=data.get("steps"), guidance_scale=data.get("guidance"),
         true_cfg_scale=data.get("true_cfg_scale"), cfg_normalization=data.get("cfg_normalization"),
-        cfg_truncation=data.get("cfg_truncation"), loras=tuple(data.get("loras") or ()),
+        cfg_truncation=data.get("cfg_truncation"), loras=tuple(data.get("loras") or ()), cache=_cache(data),
         seed=default_seed(job_id) if seed is None else seed, output_format=data.get("output_format") or "png")
     return Job(job_id, data["prompt"], params, input_hash=input_hash)
+
+
+def _cache(data: dict[str, Any]) -> StepCache | None:
+    """A line's step cache: an object the engine checks, or "none" (off even with --cache)."""
+    value = data.get("cache")
+    if value == "none":
+        return StepCache(method="none")
+    return value  # type: ignore[return-value]  # a dict, checked by ImageParams.resolve
 
 
 def _field_error(data: dict[str, Any]) -> str | None:

@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flat cost per state migration (default: the profile's model)")
     parser.add_argument("--jitter", type=float, default=0.0,
                         help="log-normal sigma on every task time (0: exactly the cost model)")
+    parser.add_argument("--cache-hit-rate", type=float, default=0.0,
+                        help="every request runs a step cache reusing this share of its steps (a measured "
+                             "figure: benchmark_cache.py's cached_fraction); 0: no step cache")
     parser.add_argument("--interference", default=None,
                         help="GPU:START:END[:UTIL]: a foreign job at UTIL %% (default 100) shares GPU from START to "
                              "END s; every policy runs blind and with telemetry, side by side")
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         saturated = generate(classes, cm, num_gpus=args.num_gpus, saturate=args.saturate, steps=args.steps,
                              seed=seed) if args.saturate else []
         options = {"max_batch_size": args.max_batch_size, "max_batch_tokens": args.max_batch_tokens,
+                   "cache_hit_rate": args.cache_hit_rate,
                    "jitter": args.jitter, "seed": seed}
         try:
             if interference is None:

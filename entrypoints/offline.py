@@ -37,6 +37,9 @@ class ImageOutput:
     params: ImageParams
     metrics: RequestMetrics | None = None
     latents: Any = field(default=None, repr=False)
+    # Denoise steps that ran every transformer block, and those the step cache reused.
+    computed_steps: int = 0
+    cached_steps: int = 0
 
     @property
     def seed(self) -> int:
@@ -135,7 +138,8 @@ class DiT:
             raise
         finally:
             bar.close()
-        return [ImageOutput(o.request_id, o.prompt, o.pil_images, o.params, o.metrics, o.latents) for o in finals]
+        return [ImageOutput(o.request_id, o.prompt, o.pil_images, o.params, o.metrics, o.latents,
+                            o.computed_steps, o.cached_steps) for o in finals]
 
     @staticmethod
     def _param_list(params: ImageParams | Sequence[ImageParams] | None, count: int) -> list[ImageParams]:

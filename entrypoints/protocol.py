@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from engine.params import LoraRef
+from engine.params import LoraRef, StepCache
 
 Quality = Literal["auto", "low", "medium", "high"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -55,6 +55,9 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
     # LoRA adapters loaded on the server (GET /v1/loras), each with its strength.
     loras: list[LoraRef] | None = None
+    # Step caching: {"method": "fbcache", "threshold": 0.3} (or "none" to turn the
+    # server's --cache off); checked by the engine, a bad value is a 400 naming cache.
+    cache: StepCache | None = None
     # Scheduling hints: higher priority is served first; the images are wanted within
     # deadline_s seconds of arrival (deadline-aware policies use it; others ignore it).
     priority: Annotated[int, Meta(ge=-1000, le=1000)] | None = None
@@ -170,7 +173,9 @@ def decode_generation_request(body: bytes) -> ImageGenerationRequest:
         if found := _MISSING.search(message):
             raise APIError(400, message, param=found.group(1), code="missing_required_parameter") from None
         if found := _UNKNOWN.search(message):
-            raise APIError(400, message, param=found.group(1), code="unknown_parameter") from None
+            # Inside an object field (cache), the field is the param; at the top, the unknown name.
+            inside = _PATH.search(message)
+            raise APIError(400, message, param=(inside or found).group(1), code="unknown_parameter") from None
         found = _PATH.search(message)
         raise APIError(400, message, param=found.group(1) if found else None, code="invalid_value") from None
     except msgspec.DecodeError as exc:

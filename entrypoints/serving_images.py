@@ -150,7 +150,7 @@ class ImageGenerations:
                 negative_prompt=req.negative_prompt, n=req.n or 1, width=width, height=height,
                 num_inference_steps=steps, guidance_scale=req.guidance_scale,
                 true_cfg_scale=req.true_cfg_scale, cfg_normalization=req.cfg_normalization,
-                cfg_truncation=req.cfg_truncation, seed=req.seed, loras=tuple(req.loras or ()),
+                cfg_truncation=req.cfg_truncation, seed=req.seed, loras=tuple(req.loras or ()), cache=req.cache,
                 output_format=req.output_format or "png", output_compression=req.output_compression,
                 # Partial images only make sense in a stream; don't pay for previews otherwise.
                 partial_images=(req.partial_images or 0) if stream else 0,

@@ -1,6 +1,7 @@
 """A request's worker-side state as bytes, to move it between workers (no pickle).
 
-The layout is ``[u32 header length][msgspec header][tensor bytes ...]``. The header
+The layout is ``[u32 header length][msgspec header][tensor bytes ...]``. The request's
+step cache (its stored residuals and counters) travels like the latents. The header
 describes every value: tensors by dtype, shape and offset into the payload; Python
 scalars inline; lists and dicts of those recursively. The request's diffusers scheduler
 travels as its instance attributes (step index, past model outputs of multistep
@@ -99,6 +100,7 @@ def pack_parts(state: RequestState, direct_device: torch.device | None = None) -
         "uncond": packer.encode(state.uncond),
         "timesteps": packer.encode(state.timesteps),
         "extra": packer.encode(state.extra),
+        "cache": packer.encode(state.cache),
         "generator": packer.encode(state.generator.get_state()),
         "scheduler": packer.encode(scheduler),
         "direct": [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in packer.direct],
@@ -134,6 +136,7 @@ def unpack_state(data: bytes, adapter: DiTAdapter, direct: list[torch.Tensor] | 
     scheduler = adapter.new_scheduler()
     vars(scheduler).update(get("scheduler"))
     state = RequestState(header["request_id"], params, get("latents"), get("cond"), get("uncond"), scheduler,
-                         get("timesteps"), generator, step=header["step"], extra=get("extra"))
+                         get("timesteps"), generator, step=header["step"], extra=get("extra"),
+                         cache=get("cache"))
     state.step_kwargs = adapter._step_kwargs(state)
     return state

@@ -62,6 +62,9 @@ class Worker:
         self.fatal: str | None = None
         if adapter.info().sequence_parallel:
             install(adapter.transformer, adapter.family, self.sp)
+        step_cache = getattr(adapter, "step_cache", None)
+        if step_cache is not None:
+            step_cache.sp = self.sp  # members agree on cache decisions through the group
         # Compiled blocks serve degree-1 steps; wider groups run them eagerly (compile.py).
         self.compile_stats: CompileStats | None = (
             compile_repeated_blocks(adapter.transformer, eager_when=lambda: self.sp.active) if compile else None)
@@ -168,7 +171,9 @@ class Worker:
                 if lead and s.params.partial_images and s.step in preview_steps(s.num_steps, s.params.partial_images):
                     pixels = self.adapter.preview(s)
                     previews.setdefault(s.request_id, []).extend(self._encode_pixels(p, s) for p in pixels)
-        items.extend(ItemResult(s.request_id, s.step, previews=previews.get(s.request_id, [])) for s in states)
+        # The whole-pipeline fallback's states have no step cache (getattr).
+        items.extend(ItemResult(s.request_id, s.step, previews=previews.get(s.request_id, []),
+                                cached_steps=getattr(s, "cached_steps", 0)) for s in states)
         return items
 
     def _decode(self, task: Task) -> list[ItemResult]:
@@ -176,7 +181,8 @@ class Worker:
         if not states:
             return items
         for state, pixels in zip(states, self.adapter.decode(states)):
-            item = ItemResult(state.request_id, state.step, images=[self._encode_pixels(p, state) for p in pixels])
+            item = ItemResult(state.request_id, state.step, images=[self._encode_pixels(p, state) for p in pixels],
+                              cached_steps=getattr(state, "cached_steps", 0))
             if state.params.return_latents and state.latents is not None:
                 latents = state.latents.detach().to("cpu", torch.float32).numpy()
                 item.latents = np.ascontiguousarray(latents).tobytes()

@@ -36,6 +36,7 @@ from diffusers import DiffusionPipeline
 from engine.model_info import LatentSpec, ModelInfo
 from engine.models.lora import LoraStore, row_loras
 from engine.models.registry import FAMILIES
+from engine.models.step_cache import CacheEntry, StepCache
 from engine.params import ImageParams
 from engine.prompt_limit import PromptLimit
 
@@ -57,6 +58,14 @@ class RequestState:
     step: int = 0
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # The request's step cache (engine/models/step_cache.py): residuals and counters; it
+    # moves with the state.
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cached_steps(self) -> int:
+        """Steps so far whose remaining blocks were reused rather than computed."""
+        return self.cache.get("cached", 0)
 
     @property
     def num_steps(self) -> int:
@@ -124,6 +133,11 @@ class DiTAdapter(ABC):
         self._info: ModelInfo | None = None
         # Resident LoRA adapters, applied per row inside denoise (engine/models/lora.py).
         self.lora = LoraStore(self.transformer, self.pipeline_class)
+        # Per-request first-block caching inside denoise; None where the family has no
+        # block stack it fits (``cache_blocks``).
+        blocks = self.cache_blocks()
+        self.step_cache = (StepCache(blocks[0], blocks[1], narrow_rows=self.lora.narrow)
+                           if blocks is not None and len(blocks[0]) >= 2 else None)
 
     # ----- description -------------------------------------------------------------
     @property
@@ -141,6 +155,13 @@ class DiTAdapter(ABC):
 
     @abstractmethod
     def _pipeline_default_size(self) -> int: ...
+
+    def cache_blocks(self) -> tuple[list[torch.nn.Module], bool] | None:
+        """The blocks step caching wraps, in the order the forward runs them, and whether
+        they return ``(encoder_hidden_states, hidden_states)``; None: the family has none
+        that fit. The default: a ``transformer_blocks`` stack of dual-stream blocks."""
+        blocks = getattr(self.transformer, "transformer_blocks", None)
+        return (list(blocks), True) if blocks is not None else None
 
     def _max_size(self) -> int:
         return 4096
@@ -168,6 +189,7 @@ class DiTAdapter(ABC):
                 cfg_threshold=self.cfg_threshold,
                 prompt_limit=self.prompt_limit(),
                 per_request_lora=self.per_request_lora,
+                step_cache=self.step_cache is not None,
                 sequence_parallel=entry is not None and entry.sequence_parallel is not None,
                 device=str(self.device),
                 dtype=str(self.dtype).removeprefix("torch."),
@@ -275,7 +297,7 @@ class DiTAdapter(ABC):
             latents = torch.cat([latents, latents])
             timesteps = torch.cat([timesteps, timesteps])
             guidance = torch.cat([guidance, guidance])
-        with self._lora_rows(states, use_cfg):
+        with self._lora_rows(states, use_cfg), self._cached(states, use_cfg, latents.shape[0]):
             noise = self._postprocess_noise(self._forward(latents, timesteps, embeds, states, guidance))
         if use_cfg:
             uncond_noise, cond_noise = noise.chunk(2)
@@ -297,6 +319,12 @@ class DiTAdapter(ABC):
         if not any(refs for _, refs in groups):
             return contextlib.nullcontext()
         return self.lora.rows(row_loras(groups, use_cfg), self.device, self.dtype)
+
+    def _cached(self, states: list[RequestState], use_cfg: bool, total_rows: int) -> contextlib.AbstractContextManager:
+        """The call's step cache, or nothing when no request in it asks for one."""
+        if self.step_cache is None or not any(s.params.cache is not None for s in states):
+            return contextlib.nullcontext()
+        return self.step_cache.call(cache_entries(states, use_cfg), total_rows)
 
     def combine_guidance(self, state: RequestState, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """One request's guided prediction from its unconditional and conditional ones."""
@@ -340,6 +368,27 @@ class DiTAdapter(ABC):
     def preview(self, state: RequestState) -> np.ndarray:
         """A partial image of the current latents, decoded at the current step."""
         return self._decode_latents([state.latents], state.params)[0]
+
+
+def cache_entries(states: list[RequestState], use_cfg: bool) -> list[CacheEntry]:
+    """The call's requests with a step cache: their rows (``[uncond..., cond...]`` under CFG,
+    so a request's two halves decide together) and whether this step may reuse. The first
+    and the last steps are always computed, as is a step after ``max_cached_steps`` cached
+    ones in a row, or one with nothing stored yet."""
+    entries, offset = [], 0
+    half = sum(s.n for s in states)
+    for s in states:
+        rows = list(range(offset, offset + s.n))
+        offset += s.n
+        cache = s.params.cache
+        if cache is None:
+            continue
+        if use_cfg:
+            rows += [half + r for r in rows]
+        candidate = (0 < s.step < s.num_steps - 1 and "first" in s.cache
+                     and s.cache.get("run", 0) < cache.max_cached_steps)
+        entries.append(CacheEntry(s.cache, rows, cache.threshold, candidate))
+    return entries
 
 
 def _take_row(embeds: Embeds, row: int, n: int) -> Embeds:

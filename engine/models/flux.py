@@ -32,6 +32,11 @@ class FluxAdapter(DiTAdapter):
         # Latents are packed 2x2 into tokens before the transformer.
         return 2
 
+    def cache_blocks(self) -> tuple[list[torch.nn.Module], bool]:
+        # The double-stream blocks, then the single-stream ones: both return (text, image).
+        t = self.transformer
+        return list(t.transformer_blocks) + list(t.single_transformer_blocks), True
+
     def _encode_batch(self, prompts: list[str], negatives: list[str] | None) -> tuple[Embeds, Embeds | None]:
         embeds, pooled, _text_ids = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=self.device,

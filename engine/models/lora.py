@@ -54,6 +54,8 @@ class LoraStore:
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._groups: dict[str, _Group] = {}
         self._rows = 0
+        # The call's full assignment while step caching runs later blocks on fewer rows.
+        self._full: tuple[dict[str, _Group], int] | None = None
 
     # ----- residency -----------------------------------------------------------------
     def load(self, name: str, path: str | Path) -> LoraSummary:
@@ -97,6 +99,31 @@ class LoraStore:
         finally:
             self._groups = {}
             self._rows = 0
+            self._full = None
+
+    def narrow(self, keep: list[int] | None) -> None:
+        """From here on only the call's rows ``keep`` (in that order) reach the layers: step
+        caching runs the blocks after the first on the rows that compute. None: all again."""
+        if keep is None:
+            if self._full is not None:
+                self._groups, self._rows = self._full
+                self._full = None
+            return
+        if not self._groups and self._full is None:
+            return
+        if self._full is None:
+            self._full = (self._groups, self._rows)
+        position = {row: i for i, row in enumerate(keep)}
+        narrowed = {}
+        for name, group in self._full[0].items():
+            pairs = [(position[row], scale) for row, scale in zip(group.index.tolist(), group.scales.tolist())
+                     if row in position]
+            if pairs:
+                narrowed[name] = _Group(torch.tensor([p for p, _ in pairs], device=group.index.device),
+                                        torch.tensor([s for _, s in pairs], device=group.scales.device,
+                                                     dtype=group.scales.dtype))
+        self._groups = narrowed
+        self._rows = len(keep)
 
     def _hook(self, module: str):
         def add_deltas(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:

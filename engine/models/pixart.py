@@ -24,6 +24,10 @@ class PixArtAdapter(DiTAdapter):
     def _pipeline_default_size(self) -> int:
         return self.transformer.config.sample_size * self.vae_scale_factor
 
+    def cache_blocks(self) -> tuple[list[torch.nn.Module], bool]:
+        # Single-stream blocks: each returns the hidden states alone.
+        return list(self.transformer.transformer_blocks), False
+
     def _encode_batch(self, prompts: list[str], negatives: list[str] | None) -> tuple[Embeds, Embeds | None]:
         embeds, mask, neg_embeds, neg_mask = self.pipe.encode_prompt(
             prompts,

@@ -44,6 +44,10 @@ TERMS: tuple[tuple[str, object], ...] = (
 )
 _TOKEN_TERM = 2
 _TIE = 1e-6  # relative squared error below which two fits count as equally good
+# A step-cached image-step runs the first of a DiT's 12-57 blocks plus the step's own work
+# (the scheduler step, embeddings, the output layer); this share of a computed step's
+# per-image work is used until a profile measures its own (``cached_step_cost``).
+DEFAULT_CACHED_STEP_COST = 0.1
 
 
 @dataclass(frozen=True)
@@ -156,13 +160,23 @@ class CostModel:
         self._cache[key] = value
         return value
 
-    def step_s(self, tokens: int, batch: int = 1, degree: int = 1, lora: bool = False) -> float:
+    @property
+    def cached_step_cost(self) -> float:
+        cost = self.profile.cached_step_cost
+        return DEFAULT_CACHED_STEP_COST if cost is None else cost
+
+    def step_s(self, tokens: int, batch: int = 1, degree: int = 1, lora: bool = False, cached: float = 0.0) -> float:
         """One denoise step; ``lora``: the images run LoRA rows, whose low-rank matmuls add
-        the profile's ``lora_overhead`` to the per-image work (not to the per-task cost)."""
+        the profile's ``lora_overhead`` to the per-image work (not to the per-task cost);
+        ``cached``: the share of the images expected to reuse their step cache, whose
+        per-image work is ``cached_step_cost`` of a computed one (per-row accounting)."""
         seconds = self.stage_s(Stage.DENOISE, tokens, batch, degree)
-        if lora and self.profile.lora_overhead:
+        if (lora and self.profile.lora_overhead) or cached:
             fixed = self._fits[("denoise", degree)].coef[0] / 1e3
-            seconds += (seconds - fixed) * self.profile.lora_overhead
+            work = seconds - fixed
+            if lora:
+                work *= 1 + self.profile.lora_overhead
+            seconds = fixed + work * (1 - cached * (1 - self.cached_step_cost))
         return seconds
 
     def migration_s(self, tokens: int, images: int = 1) -> float:

@@ -91,6 +91,10 @@ class Profile:
     # How much a denoise step's per-image work grows for an image that runs LoRA rows (0.1:
     # 10% more); measured by benchmarks/benchmark_lora.py (its lora_overhead minus 1).
     lora_overhead: float = 0.0
+    # The share of a computed step's per-image work that a step-cached image-step still
+    # costs (its first block and the step's own work); measured by
+    # benchmarks/benchmark_cache.py (its cached_step_cost). None: the cost model's default.
+    cached_step_cost: float | None = None
 
     @property
     def latent(self) -> LatentSpec:
@@ -115,11 +119,15 @@ class Profile:
                           device=str(data.get("device", "")), source=str(data.get("source", "")),
                           migration=migration, notes=tuple(data.get("notes", ())),
                           family=str(data.get("family", "")),
-                          lora_overhead=float(data.get("lora_overhead", 0.0)))
+                          lora_overhead=float(data.get("lora_overhead", 0.0)),
+                          cached_step_cost=None if data.get("cached_step_cost") is None
+                          else float(data["cached_step_cost"]))
         except (KeyError, TypeError) as exc:
             raise ProfileError(f"malformed profile: {exc!r}") from None
         if not 0.0 <= profile.lora_overhead <= 10.0:
             raise ProfileError(f"lora_overhead must be in [0, 10], got {profile.lora_overhead}")
+        if profile.cached_step_cost is not None and not 0.0 <= profile.cached_step_cost <= 1.0:
+            raise ProfileError(f"cached_step_cost must be in [0, 1], got {profile.cached_step_cost}")
         if profile.size_multiple < 1 or profile.default_steps < 1:
             raise ProfileError("size_multiple and default_steps must be >= 1")
         if not any(p.stage == "denoise" for p in points):
@@ -133,6 +141,7 @@ class Profile:
             "size_multiple": self.size_multiple, "default_steps": self.default_steps,
             "points": [asdict(p) for p in self.points],
             "migration": asdict(self.migration), "notes": list(self.notes), "lora_overhead": self.lora_overhead,
+            **({"cached_step_cost": self.cached_step_cost} if self.cached_step_cost is not None else {}),
         }
 
     @classmethod

@@ -283,6 +283,7 @@ class Scheduler:
         return updates
 
     def _advance(self, request: Request, task: Task, item: ItemResult, now: float) -> RequestUpdate:
+        request.cached_steps = max(request.cached_steps, item.cached_steps)
         if task.stage == Stage.DECODE:
             request.location = None
             del self.requests[request.request_id]
@@ -325,6 +326,7 @@ class Scheduler:
             self._free_state(request)
             request.status = RequestStatus.WAITING
             request.step = 0
+            request.cached_steps = 0
             updates.append(RequestUpdate(request, UpdateKind.RESTARTED))
         return updates
 

@@ -51,7 +51,7 @@ class DeadlineBook:
         self.slo_factor = slo_factor
         self.deadline: dict[str, float] = {}
         self.late: set[str] = set()
-        self._shapes: dict[tuple[int, int, bool], ShapeCost] = {}
+        self._shapes: dict[tuple[int, int, bool, float], ShapeCost] = {}
         self._order_key: dict[str, tuple] = {}
         self._classify([*view.requests, *view.running])
 
@@ -60,11 +60,13 @@ class DeadlineBook:
         return r.tokens
 
     def cost(self, r: Request, images: int | None = None) -> ShapeCost:
-        key = (r.tokens, r.n if images is None else images, r.key.adapter is not None)
+        # A request's measured step-cache hit rate, in steps of 5 %, keeps the memo small.
+        key = (r.tokens, r.n if images is None else images, r.key.adapter is not None,
+               round(r.cache_hit_rate * 20) / 20)
         found = self._shapes.get(key)
         if found is None:
-            t, n, lora = key
-            steps = {d: self.cm.step_s(t, n, d, lora) for d in self.degrees}
+            t, n, lora, cached = key
+            steps = {d: self.cm.step_s(t, n, d, lora, cached) for d in self.degrees}
             found = self._shapes[key] = ShapeCost(
                 self.cm.stage_s(Stage.ENCODE, t, n), self.cm.stage_s(Stage.DECODE, t, n), steps,
                 min(d * s for d, s in steps.items()), min(steps.values()))
@@ -73,7 +75,7 @@ class DeadlineBook:
     def step_s(self, r: Request, degree: int, images: int | None = None, speed: float = 1.0) -> float:
         cost = self.cost(r, images)
         seconds = (cost.step_s[degree] if degree in cost.step_s
-                   else self.cm.step_s(self.tokens(r), r.n, degree, r.key.adapter is not None))
+                   else self.cm.step_s(self.tokens(r), r.n, degree, r.key.adapter is not None, r.cache_hit_rate))
         return seconds / speed
 
     def remaining_s(self, r: Request, degree: int = 1, images: int | None = None, speed: float = 1.0) -> float:

@@ -66,7 +66,8 @@ def run_policies(specs: Sequence[PolicySpec], cost_model: CostModel, num_gpus: i
                  workload: Sequence[WorkloadRequest], saturated: Sequence[WorkloadRequest] = (), *,
                  max_batch_size: int = 16, max_batch_tokens: int | None = None, jitter: float = 0.0, seed: int = 0,
                  speed: SpeedFn | None = None, observe: ObserveFn | None = None,
-                 make_observe: Callable[[], ObserveFn] | None = None) -> list[PolicyResult]:
+                 make_observe: Callable[[], ObserveFn] | None = None,
+                 cache_hit_rate: float = 0.0) -> list[PolicyResult]:
     """``make_observe`` gives each run a fresh ``observe`` hook (telemetry keeps state)."""
     degrees = tuple(d for d in cost_model.degrees if d <= num_gpus)
 
@@ -77,7 +78,7 @@ def run_policies(specs: Sequence[PolicySpec], cost_model: CostModel, num_gpus: i
         sim = Simulator(policy, cost_model, num_gpus, max_batch_size=max_batch_size,
                         max_batch_tokens=max_batch_tokens, degrees=degrees,
                         speed=speed, observe=make_observe() if make_observe is not None else observe,
-                        jitter=jitter, seed=seed)
+                        jitter=jitter, seed=seed, cache_hit_rate=cache_hit_rate)
         return sim.run(requests)
 
     return [PolicyResult(spec, simulate(spec, workload), simulate(spec, saturated)) for spec in specs]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from engine.config import SchedulerConfig
 from engine.messages import ItemResult, Stage, Task, TaskResult
 from engine.model_info import ModelInfo
-from engine.params import ImageParams
+from engine.params import ImageParams, StepCache
 from engine.request import Request
 from engine.scheduler.cost_model import CostModel
 from engine.scheduler.device_state import DeviceState
@@ -102,8 +102,14 @@ class Simulator:
     def __init__(self, policy: Policy, cost_model: CostModel, num_workers: int, *, max_batch_size: int = 16,
                  steps_per_task: int = 1, degrees: Sequence[int] | None = None, speed: SpeedFn | None = None,
                  observe: ObserveFn | None = None, jitter: float = 0.0, seed: int = 0,
-                 max_batch_tokens: int | None = None, model: ModelInfo | None = None) -> None:
+                 max_batch_tokens: int | None = None, model: ModelInfo | None = None,
+                 cache_hit_rate: float = 0.0) -> None:
+        """``cache_hit_rate``: every request runs a step cache that reuses this share of its
+        steps (a measured figure, benchmarks/benchmark_cache.py's cached_fraction); its
+        results report those cached steps, so the scheduler learns the rate as it does
+        from real workers, and a step costs what the cost model says of that share."""
         self.cost_model = cost_model
+        self.cache_hit_rate = cache_hit_rate
         self.model = model or simulated_model(cost_model)
         config = SchedulerConfig(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                                  steps_per_task=steps_per_task)
@@ -166,7 +172,10 @@ class Simulator:
         cm, requests = self.cost_model, self.scheduler.requests
         tokens = requests[task.request_ids[0]].tokens
         images = sum(requests[rid].n for rid in task.request_ids)
-        seconds = cm.stage_s(task.stage, tokens, images, len(task.group))
+        if task.stage == Stage.DENOISE:
+            seconds = cm.step_s(tokens, images, len(task.group), cached=self.cache_hit_rate)
+        else:
+            seconds = cm.stage_s(task.stage, tokens, images, len(task.group))
         for m in task.migrations:
             r = requests[m.request_id]
             seconds += cm.migration_s(r.tokens, r.n)
@@ -191,7 +200,8 @@ class Simulator:
 
     def _request(self, w: WorkloadRequest) -> Request:
         params = ImageParams(n=w.n, width=w.width, height=w.height, num_inference_steps=w.steps,
-                             guidance_scale=4.0, seed=w.seed, priority=w.priority, deadline_s=w.deadline_s)
+                             guidance_scale=4.0, seed=w.seed, priority=w.priority, deadline_s=w.deadline_s,
+                             cache=StepCache() if self.cache_hit_rate else None)
         rid = str(w.index)
         return Request(rid, w.prompt, params, self.model.batch_key(params, rid), w.arrival_s)
 
@@ -206,7 +216,7 @@ class Simulator:
             step = 0 if task.stage == Stage.ENCODE else r.step
             if task.stage == Stage.DENOISE:
                 step = min(r.num_steps, r.step + task.num_steps)
-            items.append(ItemResult(rid, step))
+            items.append(ItemResult(rid, step, cached_steps=math.floor(step * self.cache_hit_rate)))
         updates = []
         for rank in ranks:
             result = TaskResult(task.task_id, rank, items if rank == task.group[0] else [])

@@ -35,7 +35,7 @@ from engine.client import EngineLoad, Unhealthy
 from engine.config import EngineConfig
 from engine.messages import ModelInfo
 from engine.outputs import RequestAbortedError, RequestFailedError, RequestOutput
-from engine.params import ImageParams, InvalidParamsError, check_prompt
+from engine.params import ImageParams, InvalidParamsError, check_cache_supported, check_prompt
 from engine.request import RequestStatus
 from engine.stats import EngineObserver, RequestStats, TaskStats, notify_observers
 from entrypoints.ray_serve.deployment import APP_NAME, DEPLOYMENT_NAME, ReplicaOptions, build_app
@@ -122,7 +122,10 @@ class RayEngineClient:
     def resolve_params(self, params: ImageParams | None) -> ImageParams:
         if self.model_info is None:
             raise EngineDeadError("the engine client is shut down")
-        return (params or ImageParams()).resolve(self.model_info, self.config.limits)
+        default = self.config.model.step_cache if self.model_info.step_cache else None
+        resolved = (params or ImageParams()).resolve(self.model_info, self.config.limits, default)
+        check_cache_supported(resolved, self.model_info)
+        return resolved
 
     async def generate(self, prompt: str, params: ImageParams | None = None, request_id: str | None = None, *,
                        progress: bool = True) -> AsyncIterator[RequestOutput]:

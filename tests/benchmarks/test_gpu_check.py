@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["env", "model", "tests", "throughput", "overhead", "tflops", "compile"]
+STEPS = ["env", "model", "tests", "throughput", "overhead", "tflops", "cache", "compile"]
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_wheels.sh"])
@@ -43,7 +43,7 @@ def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
     # The plan is listed first: the GPU commands at their real sizes.
     plan = done.stdout.split("gpu_check: dry run")[0]
     assert "--size 1024 --batch 4" in plan and "--num-requests 16" in plan and "--device cuda" in plan
-    assert "cache speed-up not measured" in plan
+    assert "benchmark_cache.py" in plan and "--thresholds 0.1,0.2" in plan
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log"]
 
     report = json.loads((out / "gpu_check.json").read_text())
@@ -57,7 +57,7 @@ def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
     assert figures["tflops"]["flops"] > 0 and figures["tflops"]["matmul_flops"] > 0
     assert figures["tflops"]["attention_flops"] > 0
     assert {"compile_speedup", "compile_time_s", "recompiles"} <= set(figures["compile"])
-    assert report["not_measured"]["cache_speedup"]
+    assert {"wall_speedup", "row_step_reduction", "psnr_db"} <= set(figures["cache"]["recommended"])
 
     # Every gpu test was collected and skipped cleanly for want of CUDA.
     tests = report["tests"]

@@ -37,6 +37,9 @@ def test_a_minimal_request_leaves_every_default_to_the_server():
     (b'{"prompt": "a", "seed": -1}', "seed", "invalid_value"),
     (b'{"prompt": "a", "deadline_s": 0}', "deadline_s", "invalid_value"),
     (b'{"prompt": "a", "priority": 1.5}', "priority", "invalid_value"),
+    (b'{"prompt": "a", "cache": "fbcache"}', "cache", "invalid_value"),
+    (b'{"prompt": "a", "cache": {"threshold": "high"}}', "cache", "invalid_value"),
+    (b'{"prompt": "a", "cache": {"method": "fbcache", "bogus": 1}}', "cache", "unknown_parameter"),
     (b'[]', None, "invalid_value"),
     (b'{"prompt": ', None, "invalid_json"),
 ])
