@@ -19,7 +19,8 @@ def test_replica_options_become_serve_deployment_options():
     assert options["placement_group_strategy"] == "STRICT_PACK"
     assert options["placement_group_bundles"] == [{"CPU": 2, "GPU": 1}] * 4
     # The replica actor's own resources come out of the first bundle.
-    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+    assert options["ray_actor_options"] == {
+        "num_cpus": 2, "num_gpus": 1, "runtime_env": {"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}}
     assert replica_engine_options({"model": "m"}, fixed) == {"model": "m", "num_workers": 4}
 
     scaled = ReplicaOptions(num_replicas=None, min_replicas=0, max_replicas=5, target_ongoing_requests=4)
