@@ -22,8 +22,10 @@ import numpy as np
 from engine.client import EngineLoad, Unhealthy
 from engine.config import EngineConfig
 from engine.device_monitor import DeviceMonitor
+from engine.errors import EngineDeadError
 from engine.executor.base import Executor
-from engine.lora_registry import LoraBusyError, LoraEntry, LoraRegistry
+from engine.lora_admin import LoraAdmin
+from engine.lora_registry import LoraBusyError, LoraRegistry
 from engine.messages import ModelInfo, Stage, Task, TaskResult
 from engine.models.sources import check_model_source
 from engine.outputs import (
@@ -49,10 +51,6 @@ logger = logging.getLogger(__name__)
 _ENDS = (UpdateKind.FINISHED, UpdateKind.FAILED, UpdateKind.ABORTED)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine cannot serve (not started, shut down, or its workers are gone)."""
-
-
 def make_executor(config: EngineConfig) -> Executor:
     """auto and multiprocess: one worker process per device; inprocess: a thread (one worker)."""
     kind = config.parallel.executor
@@ -69,7 +67,7 @@ def make_executor(config: EngineConfig) -> Executor:
     raise ValueError(f"unknown executor {kind!r}; choose auto, multiprocess or inprocess")
 
 
-class AsyncEngine:
+class AsyncEngine(LoraAdmin):
     """Serve image requests from one model; embed it in any asyncio application.
 
     >>> engine = await AsyncEngine.create(model="tiny-pixart")
@@ -208,59 +206,6 @@ class AsyncEngine:
             if not done:
                 self._abort(request_id)
             self.loras.release(request_id)
-
-    # ----- LoRA adapters ---------------------------------------------------------------
-    async def load_lora(self, name: str, path: str) -> dict:
-        """Load an adapter on every worker (unloading least-recently-used idle ones past
-        max_loras). Raises InvalidParamsError (bad name or file), LoraPathError (outside
-        lora_dir), LoraBusyError (every resident adapter in use)."""
-        if self.model_info is None:
-            raise EngineDeadError("the engine is not started")
-        LoraRegistry.check_name(name)
-        real = self.loras.resolve_path(path)
-        if self.model_info.backend == "pipeline":
-            raise InvalidParamsError(f"model {self.model_info.name} runs through the whole-pipeline fallback, "
-                                     "which has no per-request LoRA", "path")
-        async with self._lora_lock:
-            old = self.loras.entries.get(name)
-            if old is not None and old.users:
-                raise LoraBusyError(f"adapter {name!r} is in use by {len(old.users)} running request(s)")
-            # Victims go only once the new adapter loaded: a bad file costs no resident one.
-            victims = self.loras.evictions_for(name)
-            answers = await self.executor.lora_command(name, real)
-            errors = [a.error for a in answers if a.error]
-            if errors or not answers:
-                await self.executor.lora_command(name, None)  # no worker keeps half of it
-                self.loras.remove(name)
-                self.executor.loras.pop(name, None)
-                raise InvalidParamsError(f"adapter {name!r} not loaded: {errors[0] if errors else 'no worker'}",
-                                         "path")
-            for victim in victims:
-                logger.info("unloading LoRA adapter %s (least recently used) to make room for %s", victim, name)
-                await self._unload_locked(victim)
-            first = answers[0]
-            entry = LoraEntry(name, real, first.modules, first.rank_max, first.parameters)
-            self.loras.add(entry)
-            self.executor.loras[name] = real
-            logger.info("loaded LoRA adapter %s from %s (%d modules, rank %d)", name, real, entry.modules,
-                        entry.rank)
-            return entry.describe()
-
-    async def unload_lora(self, name: str) -> None:
-        """Unload an adapter from every worker. Raises KeyError (not loaded) and
-        LoraBusyError (a live request uses it: it is never taken from under one)."""
-        async with self._lora_lock:
-            await self._unload_locked(name)
-
-    async def _unload_locked(self, name: str) -> None:
-        self.loras.check_unload(name)
-        # Out of the book first: from here no new request may name it.
-        self.loras.remove(name)
-        self.executor.loras.pop(name, None)
-        await self.executor.lora_command(name, None)
-
-    def list_loras(self) -> list[dict]:
-        return self.loras.describe()
 
     def load(self) -> EngineLoad:
         return EngineLoad(self.scheduler.num_waiting, self.scheduler.num_running)

@@ -9,18 +9,8 @@ Failure. A worker that dies is seen at once (its pidfd). The executor delivers w
 sent before dying, calls ``on_failure(rank, message)`` (the scheduler restarts that rank's
 requests from scratch, up to ``max_retries``, then fails them), and starts a replacement.
 A replacement that cannot start is retried ``MAX_START_ATTEMPTS`` times; then the
-executor is no longer ``healthy`` and the engine fails every request.
-
-The world. Every worker joins one torch.distributed world at start-up. A process that
-died cannot rejoin it, so once the replacement has loaded the model, the world is formed
-again under a new epoch: every worker leaves and rejoins. Each worker handles its
-command ring in order, and a submit writes to all member rings in one loop callback, so
-every rank sees tasks and JoinWorld in the same order. The executor still sends JoinWorld
-only when no multi-rank task is in flight, and holds new multi-rank tasks until every
-rank has joined: no collective straddles two worlds. Single-rank tasks keep flowing.
-A rank that does not answer JoinWorld within ``join_timeout_s`` (plus a grace) is stuck
-(say, leaving a world whose peer died) and is killed, which moves the world to the next
-epoch.
+executor is no longer ``healthy`` and the engine fails every request. The world the
+workers share is then formed again (engine/executor/world_formation.py).
 
 On GPU, when a rank dies, the other members of its running multi-rank tasks are killed
 too: their NCCL transfers wait for a peer that will never answer, and nothing but the
@@ -33,18 +23,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, field
 
 import msgspec
 
 from engine.config import EngineConfig
 from engine.distributed.shm_channels import World as ChannelsOwner
 from engine.executor.base import Executor, FailureCallback, RestartCallback, ResultCallback
+from engine.executor.device_layout import default_num_workers, gpu_layout_error, rank_device
 from engine.executor.protocol import (
     FromWorker,
     Joined,
     JoinFailed,
-    JoinWorld,
     Leaving,
     Ready,
     Shutdown,
@@ -54,69 +43,16 @@ from engine.executor.protocol import (
 )
 from engine.executor.shm_queue import DEFAULT_CAPACITY
 from engine.executor.worker_handle import DeviceLayoutError, WorkerHandle, WorkerStartError
+from engine.executor.world_formation import World, WorldFormation
 from engine.messages import FreeRequests, LoraAnswer, LoraCommand, ModelInfo, Task, TaskResult
 
 logger = logging.getLogger(__name__)
 
 MAX_START_ATTEMPTS = 3
-MAX_JOIN_FAILURES = 3
 
 
-def default_num_workers(device: str) -> int:
-    """One worker per GPU; 1 on CPU."""
-    import torch
-
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return 1
-
-
-def rank_device(device: str, rank: int) -> str:
-    """Worker ``rank``'s device: its own GPU when the engine's device is auto or cuda."""
-    import torch
-
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{rank % torch.cuda.device_count()}"
-    return "cpu" if device == "auto" else device
-
-
-def gpu_layout_error(devices: list[str], visible: str | None) -> str | None:
-    """Why these per-rank devices cannot form an NCCL world, or None.
-
-    NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), and MIG instances
-    cannot talk to each other through it, so several GPU workers need one whole GPU
-    each; co-located ranks have no other path on GPU. ``visible`` is CUDA_VISIBLE_DEVICES.
-    """
-    gpus = [d for d in devices if d.startswith("cuda")]
-    if len(gpus) < 2:
-        return None
-    if visible is not None and any(e.strip().startswith("MIG-") for e in visible.split(",")):
-        return (f"{len(gpus)} workers on MIG instances: NCCL cannot connect MIG instances; "
-                "run one worker per whole GPU, or --num-workers 1")
-    shared = sorted({d for d in gpus if gpus.count(d) > 1})
-    if shared:
-        return (f"{len(gpus)} workers on {len(set(gpus))} GPU(s) ({', '.join(shared)} would hold several): "
-                "NCCL needs one GPU per worker; use --num-workers <= the GPUs visible, one cuda device per worker")
-    return None
-
-
-@dataclass
-class _World:
-    """Book of the world's re-formation."""
-
-    epoch: int = -1
-    needed: bool = True  # a (re)join is due once every rank is ready
-    joining: set[int] = field(default_factory=set)  # ranks that owe an answer for ``epoch``
-    failed: bool = False  # a rank failed to join ``epoch``
-    interrupted: bool = False  # a rank died while ``epoch`` was forming (not the world's fault)
-    failures: int = 0  # consecutive failed epochs
-    formed: asyncio.Future[None] | None = None
-
-
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(WorldFormation, Executor):
     start_timeout_s = 600.0  # loading a large model from disk can take minutes
-    join_timeout_s = 60.0
-    join_grace_s = 10.0  # past the workers' own rendezvous timeout, a rank is stuck
     stop_timeout_s = 10.0
     restart_backoff_s = 2.0  # doubled after each failed attempt to start a replacement
 
@@ -140,7 +76,7 @@ class MultiprocExecutor(Executor):
         self._inflight: dict[int, set[int]] = {}  # task id -> ranks that owe a result
         self._multi_inflight: dict[int, tuple[int, ...]] = {}  # multi-rank task id -> its members
         self._held: list[Task] = []
-        self._world = _World()
+        self._world = World()
         # GPU workers' collectives run over NCCL; CPU workers' over shared-memory channels,
         # made afresh for each epoch.
         self._on_gpu = rank_device(config.model.device, 0).startswith("cuda")
@@ -294,80 +230,6 @@ class MultiprocExecutor(Executor):
             del self._inflight[task_id]
             self._multi_inflight.pop(task_id, None)
             self._maybe_form_world()
-
-    # ----- the world -----------------------------------------------------------------
-    def _maybe_form_world(self) -> None:
-        world = self._world
-        if self._closing or not world.needed or world.joining or self._multi_inflight:
-            return
-        handles = [h for h in self._handles if h is not None and h.alive and h.ready.done()
-                   and h.ready.exception() is None]
-        if len(handles) < self._num_workers:
-            return
-        world.needed, world.failed, world.interrupted = False, False, False
-        world.epoch += 1
-        world.joining = {h.rank for h in handles}
-        logger.info("forming world epoch %d over %d workers", world.epoch, len(handles))
-        self._close_channels()
-        if not self._on_gpu:
-            self._channels = ChannelsOwner(self._num_workers)
-        spec = self._channels.spec if self._channels is not None else None
-        self._broadcast(JoinWorld(world.epoch, self._num_workers, spec), sorted(world.joining))
-        self._loop.call_later(self.join_timeout_s + self.join_grace_s, self._join_overdue, world.epoch)
-
-    def _join_overdue(self, epoch: int) -> None:
-        """Kill the ranks that still owe an answer for ``epoch``: they are stuck."""
-        world = self._world
-        if self._closing or world.epoch != epoch:
-            return
-        for rank in sorted(world.joining):
-            handle = self._handles[rank]
-            if handle is not None and handle.alive:
-                logger.error("worker %d did not join world epoch %d within %.0f s; killing it", rank, epoch,
-                             self.join_timeout_s + self.join_grace_s)
-                handle.kill()
-
-    def _join_answered(self, rank: int, message: Joined | JoinFailed) -> None:
-        world = self._world
-        if message.epoch != world.epoch or rank not in world.joining:
-            return
-        world.joining.discard(rank)
-        if isinstance(message, JoinFailed):
-            logger.error("worker %d could not join world epoch %d: %s", rank, message.epoch, message.message)
-            world.failed = True
-        if not world.joining:
-            self._world_settled()
-
-    def _world_settled(self) -> None:
-        """Every rank has answered this epoch's JoinWorld (or died)."""
-        world = self._world
-        if self._channels is not None:
-            self._channels.unlink()  # every rank that joined has attached; nothing else may
-        if world.failed or world.needed:
-            world.failures += world.failed and not world.interrupted
-            world.needed = True
-            if world.failures >= MAX_JOIN_FAILURES:
-                self._give_up(0, f"the workers failed {world.failures} times to form their "
-                              "torch.distributed world; see the worker logs")
-            elif world.formed is not None and not world.formed.done() and world.failed:
-                world.formed.set_exception(WorkerStartError(
-                    "a worker could not join the torch.distributed world; see the worker logs"))
-            else:
-                self._maybe_form_world()
-            return
-        world.failures = 0
-        if world.formed is not None and not world.formed.done():
-            world.formed.set_result(None)
-        for rank in sorted(self._returning):
-            handle = self._handles[rank]
-            if handle is not None and handle.alive:
-                handle.serving = True
-                logger.info("worker %d is back (pid %d)", rank, handle.pid)
-                self._on_restart(rank)
-        self._returning.clear()
-        held, self._held = self._held, []
-        for task in held:
-            self._send_task(task)
 
     # ----- failures ------------------------------------------------------------------
     def _on_exit(self, handle: WorkerHandle) -> None:

@@ -13,7 +13,8 @@ import os
 # when ray.serve is first imported, so it is set before any import below; the replicas get
 # it through their runtime environment (deployment.py). The engine never blocks its loop,
 # which is what running on the replica's loop asks of it.
-os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+SERVE_LATENCY_MODE = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+os.environ.setdefault(SERVE_LATENCY_MODE, "1")
 
 from entrypoints.ray_serve.client import RayEngineClient  # noqa: E402
 from entrypoints.ray_serve.deployment import ReplicaOptions  # noqa: E402

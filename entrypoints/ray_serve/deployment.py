@@ -17,12 +17,11 @@ from ray.serve.config import AutoscalingConfig
 
 from engine.config import EngineConfig
 from engine.scheduler.factory import default_max_batch_size_on
+from entrypoints.ray_serve import SERVE_LATENCY_MODE
 from entrypoints.ray_serve.replica import EngineReplica
 
 APP_NAME = "gfdit"
 DEPLOYMENT_NAME = "EngineReplica"
-# Serve's latency mode (see entrypoints/ray_serve/__init__.py), for the replica processes.
-_SERVE_MODE = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 
 @dataclass(frozen=True)
@@ -79,9 +78,10 @@ class ReplicaOptions:
         return {
             "name": DEPLOYMENT_NAME,
             **scaling,
-            # The replica actor takes its resources from the first bundle.
+            # The replica actor takes its resources from the first bundle, and the front
+            # end's Serve latency mode (entrypoints/ray_serve/__init__.py).
             "ray_actor_options": {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker,
-                                  "runtime_env": {"env_vars": {_SERVE_MODE: os.environ.get(_SERVE_MODE, "1")}}},
+                                  "runtime_env": {"env_vars": {SERVE_LATENCY_MODE: os.environ[SERVE_LATENCY_MODE]}}},
             "placement_group_bundles": self.bundles,
             "placement_group_strategy": "STRICT_PACK",
             "max_ongoing_requests": self.max_ongoing_requests or 2 * max_batch_size,

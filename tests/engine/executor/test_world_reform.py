@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from engine import EngineConfig
-from engine.executor import multiproc
+from engine.executor import multiproc, world_formation
 from engine.executor.multiproc import MultiprocExecutor
 from engine.executor.protocol import Joined, JoinFailed, JoinWorld, to_worker_decoder
 from engine.executor.worker_handle import WorkerStartError
@@ -169,7 +169,7 @@ async def test_a_replacement_that_never_starts_makes_the_executor_give_up(monkey
     assert all(not hd.alive for hd in h.spawned[2:])  # every failed replacement was killed
 
 
-@pytest.mark.parametrize("fail_joins", [1, multiproc.MAX_JOIN_FAILURES])
+@pytest.mark.parametrize("fail_joins", [1, world_formation.MAX_JOIN_FAILURES])
 async def test_failed_joins_are_retried_then_the_executor_gives_up(fail_joins):
     h = Harness(2)
     ex = h.executor
@@ -180,7 +180,7 @@ async def test_failed_joins_are_retried_then_the_executor_gives_up(fail_joins):
     for epoch in range(1, 1 + fail_joins):
         h.join(0, epoch, ok=False)
         h.join(1, epoch, ok=False)
-    if fail_joins >= multiproc.MAX_JOIN_FAILURES:
+    if fail_joins >= world_formation.MAX_JOIN_FAILURES:
         assert not ex.healthy and "failed 3 times to form" in h.failures[-1][1]
     else:
         h.join(0, fail_joins + 1)

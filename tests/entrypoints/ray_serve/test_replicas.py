@@ -174,16 +174,16 @@ async def test_killed_replica_mid_request_every_request_ends_and_serve_restarts_
                 assert reply.status == 200
                 return parse_sse(await reply.text())
 
-        # JSON and streamed requests, all at once, long enough that both replicas work on some.
+        # JSON and streamed requests, all at once, long enough that both replicas hold some.
         requests = [asyncio.create_task(post(seed) if seed % 2 == 0 else stream(seed)) for seed in range(8)]
         deadline = time.monotonic() + 90
         while True:
             statuses = await asyncio.to_thread(ray_cluster.statuses)
-            if all(s.running for s in statuses.values()):
+            if all(s.unfinished for s in statuses.values()):
                 break
             assert time.monotonic() < deadline, (statuses, [t.done() for t in requests])
             await asyncio.sleep(0.2)
-        victim = sorted(statuses, key=lambda r: -statuses[r].running)[0]
+        victim = sorted(statuses, key=lambda r: -statuses[r].unfinished)[0]
         actor = ray.get_actor(f"SERVE_REPLICA::{ray_cluster.client.app_name}#EngineReplica#{victim}",
                               namespace="serve")
         ray.kill(actor, no_restart=True)
